@@ -1,0 +1,29 @@
+"""pgexport: PaliGemma checkpoints to validated edge artifacts.
+
+Python API (the CLI mirrors it one-to-one):
+    export_onnx(model, output, int8=...)      checkpoint -> ONNX artifact, validated
+    validate_artifact(artifact, reference)    rerun the parity gate
+    OnnxPaliGemma(artifact).generate(...)     run an artifact on ONNX Runtime
+    load_checkpoint(model)                    load and check a PaliGemma checkpoint
+"""
+
+__version__ = "0.1.0"
+
+_API = {
+    "export_onnx": "pgexport.pipeline",
+    "validate_artifact": "pgexport.validate",
+    "OnnxPaliGemma": "pgexport.runtime",
+    "load_checkpoint": "pgexport.load",
+}
+
+
+def __getattr__(name):
+    # Lazy, so `pgexport --help` does not pay for importing torch.
+    if name in _API:
+        import importlib
+
+        return getattr(importlib.import_module(_API[name]), name)
+    raise AttributeError(f"module 'pgexport' has no attribute {name!r}")
+
+
+__all__ = [*_API, "__version__"]

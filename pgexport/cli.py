@@ -1,0 +1,150 @@
+"""`pgexport` command line: each command calls the library function of the same name and options."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from pgexport import __version__
+from pgexport.errors import EXIT_INTERNAL, GateFailedError, PgExportError
+
+console = Console()
+errors = Console(stderr=True)
+
+
+def parity_table(parity: dict) -> Table:
+    """One row per precision: the figures the gate decided on."""
+    table = Table(title="Parity against the PyTorch model")
+    for column in ("dtype", "prefill max|d|/range", "decode max|d|/range", "min cosine", "greedy tokens", "exact match", "gate"):
+        table.add_column(column)
+    for dtype, hop in parity["hops"].items():
+        tokens = hop["tokens"]
+        em = hop.get("exact_match")
+        table.add_row(
+            dtype,
+            f"{hop['prefill']['max_rel_diff']:.2e}",
+            f"{hop['decode']['max_rel_diff']:.2e}",
+            f"{min(hop['prefill']['min_cosine'], hop['decode']['min_cosine']):.6f}",
+            f"{'identical' if tokens['identical'] else 'differ'} ({tokens['agreement']:.0%} of {tokens['new_tokens']} x {tokens['batch']})",
+            f"{em['artifact']:.1%} ({em['change_points']:+.1f} pts)" if em else "-",
+            "[green]pass[/]" if hop["passed"] else "[red]FAIL[/]: " + "; ".join(hop["failures"]),
+        )
+    return table
+
+
+class Command(click.Group):
+    """Turns PgExportError into its one-line message and exit code; other errors are internal."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except GateFailedError as error:
+            if error.report:
+                console.print(parity_table(error.report))
+            errors.print(f"error: {error}", markup=False, highlight=False)
+            sys.exit(error.exit_code)
+        except PgExportError as error:
+            errors.print(f"error: {error}", markup=False, highlight=False)
+            sys.exit(error.exit_code)
+        except (click.exceptions.Exit, click.ClickException, click.Abort, SystemExit):
+            raise
+        except KeyboardInterrupt:
+            errors.print("interrupted: nothing was written at the output path")
+            sys.exit(130)
+        except Exception as error:  # noqa: BLE001 - the last line of defence, with its own exit code
+            errors.print(f"internal error: {type(error).__name__}: {error}", markup=False, highlight=False)
+            sys.exit(EXIT_INTERNAL)
+
+
+@click.group(cls=Command, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="pgexport")
+def main():
+    """PaliGemma checkpoints to validated edge artifacts (ONNX Runtime).
+
+    MODEL is a local checkpoint folder or a hub id; omitted, the demo model shipped in the package.
+    """
+    from transformers.utils import logging as transformers_logging
+
+    # pgexport reports what matters itself (a missing weight is an error, not a warning).
+    transformers_logging.set_verbosity_error()
+
+
+@main.command("onnx")
+@click.argument("model", required=False)
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("out"), show_default=True, help="Artifact folder to create.")
+@click.option("--int8", is_flag=True, help="Also write dynamic int8 vision and decoder graphs (onnxruntime), validated too.")
+@click.option("--opset", type=int, default=18, show_default=True, help="ONNX opset (18..23).")
+@click.option("--validate/--no-validate", default=True, show_default=True, help="Run the parity gate against PyTorch.")
+@click.option("--eval-file", type=click.Path(path_type=Path), help="JSONL of held-out rows for the exact-match check.")
+@click.option("--force", is_flag=True, help="Replace an existing output folder (only once the new one is complete).")
+@click.option("--allow-pickle", is_flag=True, help="Allow non-safetensors (pickle) weights. Never runs remote code.")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON instead of a table.")
+def onnx_command(model, output, int8, opset, validate, eval_file, force, allow_pickle, as_json):
+    """Export MODEL to ONNX (vision_encoder, embed_tokens, decoder_model_merged) and validate it."""
+    from pgexport.pipeline import export_onnx
+
+    manifest = export_onnx(
+        model, output, int8=int8, opset=opset, validate=validate, eval_file=eval_file, force=force,
+        allow_pickle=allow_pickle, progress=not as_json,
+    )
+    if as_json:
+        click.echo(json.dumps(manifest, indent=2))
+        return
+    if manifest["parity"]:
+        console.print(parity_table(manifest["parity"]))
+    total = sum(entry["bytes"] for entry in manifest["files"].values())
+    console.print(f"wrote {output} ({len(manifest['files'])} files, {total / 1e6:.1f} MB)")
+
+
+@main.command("generate")
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--image", "images", multiple=True, required=True, type=click.Path(path_type=Path), help="Image file; repeat for a batch.")
+@click.option("--prompt", "prompts", multiple=True, required=True, help="Prompt; one, or one per --image.")
+@click.option("--max-new-tokens", type=int, default=32, show_default=True)
+@click.option("--dtype", type=click.Choice(["fp32", "int8"]), help="Graph precision (default: the artifact's).")
+@click.option("--json", "as_json", is_flag=True, help="Print text and token ids as JSON.")
+def generate_command(artifact, images, prompts, max_new_tokens, dtype, as_json):
+    """Answer prompts about images with an exported ARTIFACT on ONNX Runtime (greedy)."""
+    from pgexport.errors import BadInputError
+    from pgexport.runtime import OnnxPaliGemma, open_image
+
+    if len(prompts) == 1:
+        prompts = prompts * len(images)
+    if len(prompts) != len(images):
+        raise BadInputError(f"{len(prompts)} prompts for {len(images)} images: give one prompt, or one per image")
+    loaded = [open_image(path) for path in images]
+    results = OnnxPaliGemma(artifact, dtype=dtype).generate(loaded, list(prompts), max_new_tokens=max_new_tokens)
+    if as_json:
+        rows = [{"image": str(i), "prompt": p, "text": r.text, "tokens": r.tokens} for i, p, r in zip(images, prompts, results)]
+        click.echo(json.dumps(rows if len(rows) > 1 else rows[0], indent=2))
+    else:
+        for result in results:
+            click.echo(result.text)
+
+
+@main.command("validate")
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--reference", help="Checkpoint to compare with (default: the manifest's source).")
+@click.option("--eval-file", type=click.Path(path_type=Path), help="JSONL of held-out rows for the exact-match check.")
+@click.option("--allow-pickle", is_flag=True, help="Allow non-safetensors (pickle) weights in the reference.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def validate_command(artifact, reference, eval_file, allow_pickle, as_json):
+    """Rerun the parity gate of ARTIFACT against the PyTorch model; exit 6 when it fails."""
+    from pgexport.validate import validate_artifact
+
+    report = validate_artifact(artifact, reference, eval_file=eval_file, allow_pickle=allow_pickle)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        console.print(parity_table(report))
+    if not report["passed"]:
+        raise GateFailedError("parity gate failed")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+"""Errors a user can act on. Each class carries the CLI exit code documented in the README."""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_INTERNAL = 1
+EXIT_USAGE = 2  # click's own code for a bad option or argument
+
+
+class PgExportError(Exception):
+    """Base class: the message is one line, shown to the user as is."""
+
+    exit_code = EXIT_INTERNAL
+
+
+class BadModelError(PgExportError):
+    """Missing, unreadable, corrupt or non-PaliGemma checkpoint."""
+
+    exit_code = 3
+
+
+class BadInputError(PgExportError):
+    """An input other than the model: an image, a data file, an artifact folder."""
+
+    exit_code = 4
+
+
+class OutputExistsError(PgExportError):
+    """The output folder exists and --force was not given."""
+
+    exit_code = 5
+
+
+class GateFailedError(PgExportError):
+    """The parity gate failed: the artifact was written, with its report, but must not ship."""
+
+    exit_code = 6
+
+    def __init__(self, message: str, report: dict | None = None):
+        super().__init__(message)
+        self.report = report
+
+
+class UnsupportedError(PgExportError):
+    """A valid request that pgexport cannot carry out (opset, method, architecture option)."""
+
+    exit_code = 7

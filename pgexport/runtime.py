@@ -1,0 +1,162 @@
+"""Generate with an exported artifact on ONNX Runtime: processor -> vision -> features into the
+`<image>` slots -> decoder loop with a KV cache. Greedy, batched, left-padded."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from PIL import Image
+
+from pgexport.errors import BadInputError
+
+GRAPHS = ("vision_encoder", "embed_tokens", "decoder_model_merged")
+# transformers.js file-name suffix of each precision (see paligemma-facts.md).
+DTYPE_SUFFIX = {"fp32": "", "int8": "_int8", "fp16": "_fp16", "q4": "_q4"}
+_ORT_FLOAT = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+
+
+@dataclass
+class Generation:
+    """One row's result: new token ids (eos included when reached) and their decoded text."""
+
+    tokens: list[int]
+    text: str
+    logits: list[np.ndarray] = field(default_factory=list, repr=False)
+
+
+def open_image(path: str | Path) -> Image.Image:
+    """Open an image as RGB, or raise BadInputError with one line."""
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, ValueError) as error:
+        raise BadInputError(f"cannot read image {path}: {error}") from error
+
+
+def graph_path(folder: Path, graph: str, dtype: str) -> Path:
+    return Path(folder) / "onnx" / f"{graph}{DTYPE_SUFFIX[dtype]}.onnx"
+
+
+def left_pad_positions(attention_mask: np.ndarray) -> np.ndarray:
+    """PaliGemma's 1-based positions: cumsum of the mask; pads get 1 (they are never attended)."""
+    positions = np.cumsum(attention_mask, axis=-1)
+    return np.where(attention_mask == 0, 1, positions).astype(np.int64)
+
+
+class OnnxPaliGemma:
+    """An artifact folder loaded into ONNX Runtime sessions.
+
+    `dtype` picks the graph variant per graph ("fp32", "int8", ...); a graph with no file of that
+    precision (the embedding table in an int8 artifact, say) falls back to fp32.
+    """
+
+    def __init__(self, folder: str | Path, dtype: str | None = None, providers: list[str] | None = None, threads: int = 0):
+        from transformers import AutoProcessor
+
+        self.folder = Path(folder)
+        manifest_path = self.folder / "manifest.json"
+        if not manifest_path.is_file() or not (self.folder / "onnx").is_dir():
+            raise BadInputError(f"{folder}: not a pgexport ONNX artifact (no manifest.json or onnx/)")
+        self.manifest = json.loads(manifest_path.read_text())
+        self.dtype = dtype or self.manifest.get("default_dtype", "fp32")
+        if self.dtype not in DTYPE_SUFFIX:
+            raise BadInputError(f"unknown dtype {self.dtype!r}: choose from {', '.join(DTYPE_SUFFIX)}")
+        self.config = json.loads((self.folder / "config.json").read_text())
+        self.processor = AutoProcessor.from_pretrained(self.folder)
+        self.processor.tokenizer.padding_side = "left"
+        self.image_token_id = self.config["image_token_index"]
+        self.eos_token_id = self.processor.tokenizer.eos_token_id
+        self.pad_token_id = self.processor.tokenizer.pad_token_id
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        providers = providers or ["CPUExecutionProvider"]
+        self.sessions = {}
+        for graph in GRAPHS:
+            path = graph_path(self.folder, graph, self.dtype)
+            if not path.is_file():
+                path = graph_path(self.folder, graph, "fp32")
+            if not path.is_file():
+                raise BadInputError(f"{folder}: missing {path.relative_to(self.folder)}")
+            self.sessions[graph] = ort.InferenceSession(str(path), options, providers=providers)
+        decoder = self.sessions["decoder_model_merged"]
+        self.past_inputs = [i for i in decoder.get_inputs() if i.name.startswith("past_key_values.")]
+        self.float_type = _ORT_FLOAT[decoder.get_inputs()[0].type]
+
+    def preprocess(self, images: list[Image.Image], prompts: list[str]) -> dict[str, np.ndarray]:
+        """Processor output for a batch: input_ids, attention_mask (left-padded), pixel_values."""
+        # One "<image>" per prompt: the processor expands it to the image's tokens and adds bos and "\n".
+        text = [self.processor.image_token + prompt for prompt in prompts]
+        inputs = self.processor(images=images, text=text, return_tensors="np", padding="longest")
+        return {key: inputs[key] for key in ("input_ids", "attention_mask", "pixel_values")}
+
+    def prefill_embeds(self, input_ids: np.ndarray, pixel_values: np.ndarray) -> np.ndarray:
+        """Token embeddings with the image features written into the `<image>` slots."""
+        features = self.sessions["vision_encoder"].run(None, {"pixel_values": pixel_values.astype(self.float_type)})[0]
+        slots = input_ids == self.image_token_id
+        embeds = self.sessions["embed_tokens"].run(None, {"input_ids": np.where(slots, 0, input_ids)})[0]
+        if slots.sum() != features.shape[0] * features.shape[1]:
+            raise BadInputError(f"{slots.sum()} <image> tokens for {features.shape[0]} x {features.shape[1]} image features")
+        embeds[slots] = features.reshape(-1, features.shape[-1]).astype(embeds.dtype)
+        return embeds
+
+    def generate_ids(
+        self,
+        input_ids: np.ndarray,
+        attention_mask: np.ndarray,
+        pixel_values: np.ndarray,
+        max_new_tokens: int = 32,
+        stop_at_eos: bool = True,
+        forced_tokens: np.ndarray | None = None,
+        keep_logits: bool = False,
+    ) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Greedy decoding. Returns new tokens [batch, steps] (pad after a row's eos) and, when
+        `keep_logits`, the last-position logits of every step. `forced_tokens` [batch, steps] feeds
+        given tokens instead of the argmax (to compare logits along a reference's path)."""
+        batch = input_ids.shape[0]
+        decoder = self.sessions["decoder_model_merged"]
+        embeds = self.prefill_embeds(input_ids, pixel_values)
+        mask = attention_mask.astype(np.int64)
+        positions = left_pad_positions(mask)
+        past = {
+            i.name: np.zeros((batch, i.shape[1], 0, i.shape[3]), dtype=self.float_type) for i in self.past_inputs
+        }
+        steps = forced_tokens.shape[1] if forced_tokens is not None else max_new_tokens
+        tokens, all_logits = [], []
+        finished = np.zeros(batch, dtype=bool)
+        for step in range(steps):
+            outputs = decoder.run(
+                None, {"inputs_embeds": embeds.astype(self.float_type), "attention_mask": mask, "position_ids": positions, **past}
+            )
+            logits = outputs[0][:, -1].astype(np.float32)
+            if keep_logits:
+                all_logits.append(logits)
+            chosen = forced_tokens[:, step] if forced_tokens is not None else logits.argmax(-1)
+            chosen = np.where(finished, self.pad_token_id, chosen)
+            tokens.append(chosen)
+            if stop_at_eos:
+                finished |= chosen == self.eos_token_id
+                if finished.all():
+                    break
+            past = {i.name: value for i, value in zip(self.past_inputs, outputs[1:])}
+            mask = np.concatenate([mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
+            positions = mask.sum(-1, keepdims=True).astype(np.int64)
+            embeds = self.sessions["embed_tokens"].run(None, {"input_ids": chosen[:, None].astype(np.int64)})[0]
+        return np.stack(tokens, axis=1), all_logits
+
+    def generate(self, images: list[Image.Image], prompts: list[str], max_new_tokens: int = 32) -> list[Generation]:
+        """Answer each (image, prompt) pair; stops at eos or after `max_new_tokens`."""
+        if len(images) != len(prompts):
+            raise BadInputError(f"{len(images)} images for {len(prompts)} prompts")
+        inputs = self.preprocess(images, prompts)
+        new_tokens, _ = self.generate_ids(**inputs, max_new_tokens=max_new_tokens)
+        results = []
+        for row in new_tokens.tolist():
+            if self.eos_token_id in row:
+                row = row[: row.index(self.eos_token_id) + 1]
+            text = self.processor.tokenizer.decode(row, skip_special_tokens=True)
+            results.append(Generation(tokens=row, text=text.strip()))
+        return results

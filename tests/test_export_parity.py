@@ -1,0 +1,54 @@
+"""fp32 exports of random-weight PaliGemma 1 and 2 shapes against transformers, through ONNX Runtime."""
+
+import json
+
+import onnx
+import pytest
+
+from pgexport.manifest import sha256_file
+
+PRESETS = ["tiny-pg1", "tiny-pg1-mqa4", "tiny-pg2", "tiny-pg2-448"]
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_fp32_export_generates_like_transformers(preset, artifact_factory):
+    _, _, manifest = artifact_factory(preset)
+    hop = manifest["parity"]["hops"]["fp32"]
+    assert hop["tokens"]["left_padded"] and hop["tokens"]["batch"] >= 2
+    assert hop["tokens"]["new_tokens"] >= 16
+    assert hop["tokens"]["identical"], hop["tokens"]
+    assert hop["prefill"]["max_rel_diff"] <= 1e-4, hop["prefill"]
+    assert hop["decode"]["max_rel_diff"] <= 1e-4, hop["decode"]
+    assert hop["prefill"]["min_cosine"] > 0.99999
+    assert manifest["parity"]["passed"]
+
+
+def test_decoder_contract(artifact_factory):
+    checkpoint, artifact, _ = artifact_factory("tiny-pg2")
+    config = json.loads((checkpoint / "config.json").read_text())["text_config"]
+    graph = onnx.load(artifact / "onnx" / "decoder_model_merged.onnx", load_external_data=False).graph
+    inputs = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in graph.input}
+    outputs = {o.name: [d.dim_param or d.dim_value for d in o.type.tensor_type.shape.dim] for o in graph.output}
+    layers, kv, head = config["num_hidden_layers"], config["num_key_value_heads"], config["head_dim"]
+    assert list(inputs)[:3] == ["inputs_embeds", "attention_mask", "position_ids"]
+    assert inputs["attention_mask"] == ["batch_size", "total_sequence_length"]
+    assert inputs["past_key_values.0.key"] == ["batch_size", kv, "past_sequence_length", head]
+    assert len([n for n in inputs if n.startswith("past_key_values.")]) == 2 * layers
+    assert outputs["logits"] == ["batch_size", "sequence_length", config["vocab_size"]]
+    assert outputs[f"present.{layers - 1}.value"] == ["batch_size", kv, "total_sequence_length", head]
+    ops = {node.op_type for node in graph.node}
+    assert "Tanh" in ops, "Gemma2 soft-capping must be in the graph"
+
+
+def test_artifact_is_self_contained(artifact_factory):
+    _, artifact, manifest = artifact_factory("tiny-pg1")
+    for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                 "preprocessor_config.json", "onnx/vision_encoder.onnx", "onnx/embed_tokens.onnx",
+                 "onnx/decoder_model_merged.onnx"):
+        assert name in manifest["files"], name
+    for name, entry in manifest["files"].items():
+        assert sha256_file(artifact / name) == entry["sha256"]
+        assert (artifact / name).stat().st_size == entry["bytes"]
+    assert manifest["source"]["sha256"] and len(manifest["source"]["sha256"]) == 64
+    assert manifest["versions"]["transformers"] == "5.24.0"
+    assert json.loads((artifact / "manifest.json").read_text())["parity"]["passed"]
