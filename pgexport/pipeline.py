@@ -78,24 +78,18 @@ def export_onnx(
     PyTorch -> manifest. Writes into a staging folder renamed into place at the end. Returns the
     manifest; raises GateFailedError (artifact kept, report inside) when a parity gate fails.
     """
-    from pgexport.validate import validate as run_gate
+    from pgexport.validate import reference_outputs, validate as run_gate
 
     output = Path(output)
     options = {"int8": int8, "opset": opset, "validate": validate}
     dtypes = ["fp32"] + (["int8"] if int8 else [])
     started = time.perf_counter()
-    with staging_folder(output, force) as staging, stages(4 + int8 + validate, progress) as advance:
+    with staging_folder(output, force) as staging, stages(4 + int8 + 2 * validate, progress) as advance:
         advance("loading checkpoint")
         checkpoint = load_checkpoint(model, allow_pickle=allow_pickle)
         advance("exporting ONNX graphs")
         (staging / "onnx").mkdir()
         export_graphs(checkpoint.model, staging / "onnx", opset)
-        if int8:
-            from pgexport.quantize.int8 import quantize_dynamic_int8
-
-            advance("quantizing to int8")
-            for graph in INT8_GRAPHS:
-                quantize_dynamic_int8(graph_path(staging, graph, "fp32"), graph_path(staging, graph, "int8"), progress=False)
         advance("saving config, tokenizer and processor")
         save_model_files(checkpoint, staging)
         fields = {
@@ -107,12 +101,23 @@ def export_onnx(
             "default_dtype": dtypes[-1],
             "license": LICENSE_NOTE,
         }
-        write_manifest(staging, **fields, parity=None)
+        if validate:
+            advance("running the PyTorch reference")
+            reference = reference_outputs(
+                checkpoint.model, checkpoint.processor, eval_rows=eval_rows_for(checkpoint, eval_file)
+            )
+        del checkpoint  # frees the PyTorch weights before the ONNX sessions load
+        if int8:
+            from pgexport.quantize.int8 import quantize_dynamic_int8
+
+            advance("quantizing to int8")
+            for graph in INT8_GRAPHS:
+                quantize_dynamic_int8(graph_path(staging, graph, "fp32"), graph_path(staging, graph, "int8"), progress=False)
+        write_manifest(staging, **fields, parity=None)  # the runtime reads dtypes from it
         parity = None
         if validate:
             advance("validating against PyTorch")
-            rows = eval_rows_for(checkpoint, eval_file)
-            parity = run_gate(staging, checkpoint.model, checkpoint.processor, dtypes=dtypes, eval_rows=rows)
+            parity = run_gate(staging, reference, dtypes)
         advance("writing manifest")
         fields["export_seconds"] = round(time.perf_counter() - started, 2)
         manifest = write_manifest(staging, **fields, parity=parity)

@@ -47,6 +47,15 @@ def left_pad_positions(attention_mask: np.ndarray) -> np.ndarray:
     return np.where(attention_mask == 0, 1, positions).astype(np.int64)
 
 
+def prepare_inputs(processor, images: list[Image.Image], prompts: list[str]) -> dict[str, np.ndarray]:
+    """Processor output for a batch: input_ids, attention_mask (left-padded), pixel_values."""
+    processor.tokenizer.padding_side = "left"
+    # One "<image>" per prompt: the processor expands it to the image's tokens and adds bos and "\n".
+    text = [processor.image_token + prompt for prompt in prompts]
+    inputs = processor(images=images, text=text, return_tensors="np", padding="longest")
+    return {key: inputs[key] for key in ("input_ids", "attention_mask", "pixel_values")}
+
+
 class OnnxPaliGemma:
     """An artifact folder loaded into ONNX Runtime sessions.
 
@@ -67,7 +76,6 @@ class OnnxPaliGemma:
             raise BadInputError(f"unknown dtype {self.dtype!r}: choose from {', '.join(DTYPE_SUFFIX)}")
         self.config = json.loads((self.folder / "config.json").read_text())
         self.processor = AutoProcessor.from_pretrained(self.folder)
-        self.processor.tokenizer.padding_side = "left"
         self.image_token_id = self.config["image_token_index"]
         self.eos_token_id = self.processor.tokenizer.eos_token_id
         self.pad_token_id = self.processor.tokenizer.pad_token_id
@@ -87,11 +95,7 @@ class OnnxPaliGemma:
         self.float_type = _ORT_FLOAT[decoder.get_inputs()[0].type]
 
     def preprocess(self, images: list[Image.Image], prompts: list[str]) -> dict[str, np.ndarray]:
-        """Processor output for a batch: input_ids, attention_mask (left-padded), pixel_values."""
-        # One "<image>" per prompt: the processor expands it to the image's tokens and adds bos and "\n".
-        text = [self.processor.image_token + prompt for prompt in prompts]
-        inputs = self.processor(images=images, text=text, return_tensors="np", padding="longest")
-        return {key: inputs[key] for key in ("input_ids", "attention_mask", "pixel_values")}
+        return prepare_inputs(self.processor, images, prompts)
 
     def prefill_embeds(self, input_ids: np.ndarray, pixel_values: np.ndarray) -> np.ndarray:
         """Token embeddings with the image features written into the `<image>` slots."""
