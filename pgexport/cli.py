@@ -14,7 +14,6 @@ from pgexport import __version__
 from pgexport.errors import EXIT_INTERNAL, GateFailedError, PgExportError
 
 console = Console()
-errors = Console(stderr=True)
 
 
 def parity_table(parity: dict) -> Table:
@@ -46,18 +45,18 @@ class Command(click.Group):
         except GateFailedError as error:
             if error.report:
                 console.print(parity_table(error.report))
-            errors.print(f"error: {error}", markup=False, highlight=False)
+            click.echo(f"error: {error}", err=True)
             sys.exit(error.exit_code)
         except PgExportError as error:
-            errors.print(f"error: {error}", markup=False, highlight=False)
+            click.echo(f"error: {error}", err=True)
             sys.exit(error.exit_code)
         except (click.exceptions.Exit, click.ClickException, click.Abort, SystemExit):
             raise
         except KeyboardInterrupt:
-            errors.print("interrupted: nothing was written at the output path")
+            click.echo("interrupted: nothing was written at the output path", err=True)
             sys.exit(130)
         except Exception as error:  # noqa: BLE001 - the last line of defence, with its own exit code
-            errors.print(f"internal error: {type(error).__name__}: {error}", markup=False, highlight=False)
+            click.echo(f"internal error: {type(error).__name__}: {error}", err=True)
             sys.exit(EXIT_INTERNAL)
 
 

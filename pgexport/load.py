@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoConfig, AutoProcessor, PaliGemmaForConditionalGeneration
 
 from pgexport.errors import BadModelError
@@ -101,7 +102,7 @@ def load_checkpoint(model: str | Path | None = None, *, allow_pickle: bool = Fal
             output_loading_info=True,
         )
         processor = AutoProcessor.from_pretrained(source, trust_remote_code=False)
-    except (OSError, ValueError, RuntimeError, json.JSONDecodeError) as error:
+    except (OSError, ValueError, RuntimeError, json.JSONDecodeError, SafetensorError) as error:
         raise BadModelError(f"{source}: cannot load: {str(error).strip().splitlines()[0]}") from error
     # transformers only warns about weights it had to initialise: for an exporter that is fatal.
     problems = {key: info.get(key) for key in ("missing_keys", "mismatched_keys", "error_msgs") if info.get(key)}

@@ -71,3 +71,19 @@ def random_checkpoint(preset: str, output: str | Path, seed: int = 0) -> Path:
     processor.image_seq_length = image_processor.image_seq_length
     processor.save_pretrained(output)
     return output
+
+
+def main(argv=None):
+    """python -m pgexport.random_model PRESET OUTPUT [--seed N]"""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("preset", choices=sorted(PRESETS))
+    parser.add_argument("output", type=Path)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    print(random_checkpoint(args.preset, args.output, args.seed))
+
+
+if __name__ == "__main__":
+    main()
