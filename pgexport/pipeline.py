@@ -47,6 +47,9 @@ def save_model_files(checkpoint: Checkpoint, folder: Path) -> None:
     checkpoint.model.config.save_pretrained(folder)
     checkpoint.model.generation_config.save_pretrained(folder)
     checkpoint.processor.save_pretrained(folder)
+    # transformers 5 nests the image processor in processor_config.json; transformers.js and
+    # older transformers read preprocessor_config.json.
+    checkpoint.processor.image_processor.save_pretrained(folder)
 
 
 def eval_rows_for(checkpoint: Checkpoint, eval_file: str | Path | None):

@@ -42,7 +42,7 @@ def test_decoder_contract(artifact_factory):
 
 def test_artifact_is_self_contained(artifact_factory):
     _, artifact, manifest = artifact_factory("tiny-pg1")
-    for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+    for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "processor_config.json",
                  "preprocessor_config.json", "onnx/vision_encoder.onnx", "onnx/embed_tokens.onnx",
                  "onnx/decoder_model_merged.onnx"):
         assert name in manifest["files"], name
