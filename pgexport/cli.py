@@ -145,5 +145,20 @@ def validate_command(artifact, reference, eval_file, allow_pickle, as_json):
         raise GateFailedError("parity gate failed")
 
 
+@main.command("verify")
+@click.argument("artifact", type=click.Path(path_type=Path))
+def verify_command(artifact):
+    """Check every file of ARTIFACT against manifest.json (hash, size, nothing missing or extra); exit 4 if not."""
+    from pgexport.errors import BadInputError
+    from pgexport.manifest import verify
+
+    problems = verify(artifact)
+    for problem in problems:
+        click.echo(problem)
+    if problems:
+        raise BadInputError(f"{artifact}: {len(problems)} file(s) do not match manifest.json")
+    click.echo(f"{artifact}: every file matches manifest.json")
+
+
 if __name__ == "__main__":
     main()

@@ -60,6 +60,28 @@ def read_manifest(folder: Path) -> dict:
         raise BadInputError(f"{path}: unreadable ({error})") from error
 
 
+def verify(folder: Path) -> list[str]:
+    """Problems with an artifact against its manifest: altered, truncated, missing or extra files.
+
+    Returns [] when every file's size and sha256 match and nothing else is there.
+    """
+    folder = Path(folder)
+    expected = read_manifest(folder).get("files", {})
+    problems = []
+    present = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST}
+    for name in sorted(set(expected) - present):
+        problems.append(f"missing: {name}")
+    for name in sorted(present - set(expected)):
+        problems.append(f"extra: {name}")
+    for name in sorted(set(expected) & present):
+        path, entry = folder / name, expected[name]
+        if path.stat().st_size != entry["bytes"]:
+            problems.append(f"size differs: {name} ({path.stat().st_size} bytes, manifest {entry['bytes']})")
+        elif sha256_file(path) != entry["sha256"]:
+            problems.append(f"sha256 differs: {name}")
+    return problems
+
+
 def check_output(output: Path, force: bool) -> None:
     """Refuse an existing output folder unless `force`, before any work starts."""
     if output.exists() and not force:

@@ -116,7 +116,7 @@ def test_generate_on_a_folder_that_is_not_an_artifact(tmp_path):
     assert code == BadInputError.exit_code and "not a pgexport ONNX artifact" in err
 
 
-@pytest.mark.parametrize("command", [[], ["onnx"], ["generate"], ["validate"]])
+@pytest.mark.parametrize("command", [[], ["onnx"], ["generate"], ["validate"], ["verify"]])
 def test_help_everywhere(command):
     code, _ = run(*command, "--help")
     assert code == 0

@@ -52,3 +52,24 @@ def test_artifact_is_self_contained(artifact_factory):
     assert manifest["source"]["sha256"] and len(manifest["source"]["sha256"]) == 64
     assert manifest["versions"]["transformers"] == "5.24.0"
     assert json.loads((artifact / "manifest.json").read_text())["parity"]["passed"]
+
+
+def test_verify_catches_a_changed_byte(artifact_factory, tmp_path):
+    import shutil
+
+    from click.testing import CliRunner
+
+    from pgexport.cli import main
+    from pgexport.errors import BadInputError
+
+    _, artifact, _ = artifact_factory("tiny-pg1")
+    copy = shutil.copytree(artifact, tmp_path / "copy")
+    assert CliRunner().invoke(main, ["verify", str(copy)]).exit_code == 0
+    graph = copy / "onnx" / "embed_tokens.onnx"
+    data = bytearray(graph.read_bytes())
+    data[-10] ^= 0xFF
+    graph.write_bytes(bytes(data))
+    (copy / "stray.txt").write_text("x")
+    result = CliRunner().invoke(main, ["verify", str(copy)])
+    assert result.exit_code == BadInputError.exit_code
+    assert "sha256 differs: onnx/embed_tokens.onnx" in result.output and "extra: stray.txt" in result.output
