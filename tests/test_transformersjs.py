@@ -1,0 +1,188 @@
+"""An outside client runs our artifact: transformers.js 4.3.1 (Node, onnxruntime-node on CPU) loads
+the exported folder as-is and generates the same greedy tokens as transformers in PyTorch.
+
+Needs Node.js and npm; the pinned npm package is installed into tests/js/node_modules on first use
+(`npm ci --ignore-scripts`: onnxruntime-node's postinstall would download CUDA binaries; the CPU
+binaries ship inside the package). `tests/js/generate.mjs` is the client.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+JS_DIR = Path(__file__).parent / "js"
+TRANSFORMERS_JS_VERSION = "4.3.1"
+NEW_TOKENS = 12
+NODE, NPM = shutil.which("node"), shutil.which("npm")
+
+pytestmark = [
+    pytest.mark.node,
+    pytest.mark.skipif(not (NODE and NPM), reason="transformers.js check needs Node.js and npm on PATH"),
+]
+
+
+def _installed_version() -> str | None:
+    package = JS_DIR / "node_modules" / "@huggingface" / "transformers" / "package.json"
+    return json.loads(package.read_text())["version"] if package.is_file() else None
+
+
+@pytest.fixture(scope="session")
+def transformers_js():
+    """Install the pinned npm packages once (skipped when already there); returns the runner."""
+    if _installed_version() != TRANSFORMERS_JS_VERSION:
+        install = subprocess.run(
+            [NPM, "ci", "--ignore-scripts", "--no-audit", "--no-fund"], cwd=JS_DIR, capture_output=True, text=True, timeout=900
+        )
+        if install.returncode != 0:
+            pytest.skip(f"npm ci in tests/js failed (npm registry unreachable?): {install.stderr.strip()[-500:]}")
+    assert _installed_version() == TRANSFORMERS_JS_VERSION
+    return run_transformers_js
+
+
+def run_transformers_js(artifact: Path, image: Path, prompt: str, new_tokens: int, dtype: str = "fp32", stop_at_eos: bool = False) -> dict:
+    """tests/js/generate.mjs on one (image, prompt): {"tokens", "text", "input_ids", ...}."""
+    command = [NODE, "generate.mjs", str(artifact), str(image), prompt, str(new_tokens), "--dtype", dtype]
+    if stop_at_eos:
+        command.append("--stop-at-eos")
+    result = subprocess.run(command, cwd=JS_DIR, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, f"transformers.js failed on {artifact}:\n{result.stderr[-3000:]}"
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def model_sized_image(image: Image.Image, artifact: Path, folder: Path, name: str) -> Path:
+    """Save `image` as PNG at the model's input size: both processors then skip resizing, so their
+    pixel values agree exactly (PIL's and sharp's bicubic resamplers differ slightly)."""
+    size = json.loads((artifact / "preprocessor_config.json").read_text())["size"]
+    path = folder / f"{name}.png"
+    image.convert("RGB").resize((size["width"], size["height"]), Image.BICUBIC).save(path)
+    return path
+
+
+@functools.lru_cache(maxsize=2)
+def _checkpoint(folder: Path):
+    from pgexport.load import load_checkpoint
+
+    return load_checkpoint(folder)
+
+
+@functools.lru_cache(maxsize=2)
+def _runtime(artifact: Path, dtype: str):
+    from pgexport.runtime import OnnxPaliGemma
+
+    return OnnxPaliGemma(artifact, dtype=dtype)
+
+
+def torch_greedy(checkpoint: Path, image: Path, prompt: str, new_tokens: int, stop_at_eos: bool = False) -> dict:
+    """transformers' own greedy generate on the checkpoint, fed as the parity gate feeds it
+    (processor inputs for "<image>" + prompt, token_type_ids 0 over the prompt)."""
+    from pgexport.runtime import open_image, prepare_inputs
+    from pgexport.validate import reference_generate
+
+    loaded = _checkpoint(Path(checkpoint))
+    inputs = prepare_inputs(loaded.processor, [open_image(image)], [prompt])
+    tokens, _ = reference_generate(loaded.model, inputs, new_tokens, stop_at_eos=stop_at_eos)
+    tokens = tokens[0].tolist()
+    if stop_at_eos and loaded.processor.tokenizer.eos_token_id in tokens:
+        tokens = tokens[: tokens.index(loaded.processor.tokenizer.eos_token_id) + 1]
+    return {"tokens": tokens, "input_ids": inputs["input_ids"][0].tolist()}
+
+
+def ort_greedy(artifact: Path, dtype: str, image: Path, prompt: str, new_tokens: int) -> dict:
+    """pgexport's own ONNX Runtime generation of the artifact (eos ignored)."""
+    from pgexport.runtime import open_image
+
+    runtime = _runtime(Path(artifact), dtype)
+    inputs = runtime.preprocess([open_image(image)], [prompt])
+    tokens, _ = runtime.generate_ids(**inputs, max_new_tokens=new_tokens, stop_at_eos=False)
+    return {"tokens": tokens[0].tolist(), "input_ids": inputs["input_ids"][0].tolist()}
+
+
+def assert_same_generation(js: dict, reference: dict, label: str, minimum: int = 8) -> None:
+    assert js["input_ids"] == reference["input_ids"], f"{label}: the processors tokenise the prompt differently"
+    assert js["tokens"] == reference["tokens"], f"{label}: transformers.js {js['tokens']} != reference {reference['tokens']}"
+    assert len(js["tokens"]) >= minimum, f"{label}: only {len(js['tokens'])} new tokens compared"
+
+
+# ---------------------------------------------------------------------------------------------
+# The demo model: fp32 against PyTorch, int8 against pgexport's own ONNX Runtime int8 result.
+
+
+def _int8_available() -> bool:
+    return importlib.util.find_spec("pgexport.quantize.int8") is not None
+
+
+@pytest.fixture(scope="module")
+def demo_js_artifact(tmp_path_factory):
+    """The demo model exported with --int8 (gate off: tests/test_demo_artifact.py covers it)."""
+    from pgexport.demo import CHECKPOINT_DIR, sample_inputs
+    from pgexport.pipeline import export_onnx
+
+    out = tmp_path_factory.mktemp("demo-js") / "demo"
+    export_onnx(None, out, int8=_int8_available(), validate=False, progress=False)
+    images = tmp_path_factory.mktemp("demo-js-images")
+    samples = [(model_sized_image(image, out, images, f"sample{i}"), prompt) for i, (image, prompt) in enumerate(sample_inputs(3))]
+    return Path(CHECKPOINT_DIR), out, samples
+
+
+def test_demo_fp32_generates_like_pytorch(transformers_js, demo_js_artifact):
+    checkpoint, artifact, samples = demo_js_artifact
+    for image, prompt in samples:
+        js = transformers_js(artifact, image, prompt, NEW_TOKENS)
+        assert js["model_class"] == "PaliGemmaForConditionalGeneration"
+        assert set(js["dtype"].values()) == {"fp32"}
+        assert_same_generation(js, torch_greedy(checkpoint, image, prompt, NEW_TOKENS), f"demo fp32 {prompt!r}")
+
+
+def test_demo_fp32_stops_at_eos_like_pytorch(transformers_js, demo_js_artifact):
+    """With eos on (the generation config's), both stop at the same eos with the same text."""
+    checkpoint, artifact, samples = demo_js_artifact
+    image, prompt = samples[0]
+    js = transformers_js(artifact, image, prompt, 48, stop_at_eos=True)
+    reference = torch_greedy(checkpoint, image, prompt, 48, stop_at_eos=True)
+    assert js["tokens"] == reference["tokens"]
+    assert js["tokens"][-1] == json.loads((artifact / "generation_config.json").read_text())["eos_token_id"]
+
+
+def test_demo_int8_generates_like_our_runtime(transformers_js, demo_js_artifact):
+    if not _int8_available():
+        pytest.skip("pgexport.quantize.int8 is not in this tree yet: no int8 artifact to load")
+    _, artifact, samples = demo_js_artifact
+    for image, prompt in samples:
+        js = transformers_js(artifact, image, prompt, NEW_TOKENS, dtype="int8")
+        assert js["dtype"] == {"vision_encoder": "int8", "embed_tokens": "fp32", "decoder_model_merged": "int8"}
+        assert_same_generation(js, ort_greedy(artifact, "int8", image, prompt, NEW_TOKENS), f"demo int8 {prompt!r}")
+
+
+def test_auto_processor_resolves_paligemma(transformers_js, demo_js_artifact):
+    """transformers.js's AutoProcessor reads only preprocessor_config.json: without its
+    `processor_class` it returns a bare image processor with no tokenizer (src/models/auto/processing_auto.js)."""
+    _, artifact, samples = demo_js_artifact
+    js = transformers_js(artifact, samples[0][0], samples[0][1], 1)
+    if "processor_class" not in json.loads((artifact / "preprocessor_config.json").read_text()):
+        pytest.xfail(
+            "preprocessor_config.json has no processor_class: transformers.js AutoProcessor gives "
+            f"{js['auto_processor_class']} (generate.mjs falls back to PaliGemmaProcessor.from_pretrained)"
+        )
+    assert js["auto_processor_class"] == "PaliGemmaProcessor"
+
+
+# ---------------------------------------------------------------------------------------------
+# PaliGemma 2 (Gemma2 decoder: soft-capping, sliding window) with random weights.
+
+
+def test_random_paligemma2_generates_like_pytorch(transformers_js, artifact_factory, tmp_path):
+    from pgexport.demo import sample_inputs
+
+    checkpoint, artifact, _ = artifact_factory("tiny-pg2")
+    image_pil, prompt = sample_inputs(1)[0]
+    image = model_sized_image(image_pil, artifact, tmp_path, "pg2")
+    js = transformers_js(artifact, image, prompt, NEW_TOKENS)
+    assert_same_generation(js, torch_greedy(checkpoint, image, prompt, NEW_TOKENS), f"tiny-pg2 {prompt!r}")
