@@ -160,5 +160,43 @@ def verify_command(artifact):
     click.echo(f"{artifact}: every file matches manifest.json")
 
 
+@main.command("bench")
+@click.argument("targets", nargs=-1, required=True)
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--dtype", "dtypes", help="Comma list (artifact: fp32,int8; checkpoint: fp32,bf16,fp16). Default: every artifact dtype; fp32 (cpu) or bf16 (cuda) for a checkpoint.")
+@click.option("--batch", "batches", default="1,4", show_default=True, help="Comma list of batch sizes.")
+@click.option("--resolutions", help="Comma list of px; other than a checkpoint's native size: latency-only variants (interpolated position embeddings).")
+@click.option("--prompt-tokens", type=click.IntRange(1), default=10, show_default=True, help="Text tokens after the image tokens.")
+@click.option("--new-tokens", type=click.IntRange(2), default=16, show_default=True, help="Tokens generated per row (greedy, no eos stop).")
+@click.option("--warmup", type=click.IntRange(0), default=1, show_default=True, help="Untimed runs per batch size.")
+@click.option("--runs", type=click.IntRange(1), default=3, show_default=True, help="Timed runs per batch size.")
+@click.option("--threads", type=click.IntRange(1), help="CPU threads for onnxruntime and torch (default: every usable CPU).")
+@click.option("--baseline", help="Target (as given) or row label the speedups are against (default: the first target).")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the full report (environment, floors, results) here.")
+@click.option("--markdown", "markdown_path", type=click.Path(path_type=Path), help="Write the markdown table here.")
+@click.option("--plot", "plot_path", type=click.Path(path_type=Path), help="Write a latency-vs-batch PNG here (needs matplotlib).")
+def bench_command(targets, device, dtypes, batches, resolutions, prompt_tokens, new_tokens, warmup, runs, threads,
+                  baseline, json_path, markdown_path, plot_path):
+    """Time TARGETs (artifact or checkpoint folders) on the same inputs: load, vision, time to first
+    token, per-output-token latency, tokens/s, peak memory, each against its physical floor."""
+    from pgexport.bench import bench, to_markdown
+
+    def numbers(text, name):
+        try:
+            return [int(item) for item in text.split(",") if item.strip()] if text else None
+        except ValueError:
+            raise click.BadParameter(f"{text!r}: expected comma-separated integers", param_hint=name) from None
+
+    report = bench(
+        list(targets), device=device, dtypes=dtypes.split(",") if dtypes else None,
+        batches=numbers(batches, "--batch"), resolutions=numbers(resolutions, "--resolutions"),
+        prompt_tokens=prompt_tokens, new_tokens=new_tokens, warmup=warmup, runs=runs, threads=threads,
+        baseline=baseline, json_path=json_path, markdown_path=markdown_path, plot_path=plot_path,
+    )
+    click.echo(to_markdown(report))
+    if report["plot"] and report["plot"]["skipped"]:
+        click.echo(f"plot skipped: {report['plot']['skipped']}", err=True)
+
+
 if __name__ == "__main__":
     main()
