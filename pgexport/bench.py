@@ -271,7 +271,8 @@ class TorchRunner:
         self.engine = "pytorch-static-compiled" if static_cache else "pytorch-eager"
         self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
         try:
-            model = PaliGemmaForConditionalGeneration.from_pretrained(target.path, dtype=self.dtype, use_safetensors=True)
+            with quiet_transformers():
+                model = PaliGemmaForConditionalGeneration.from_pretrained(target.path, dtype=self.dtype, use_safetensors=True)
         except (OSError, ValueError, RuntimeError) as error:
             raise BadModelError(f"{target.name}: cannot load: {str(error).strip().splitlines()[0]}") from error
         self.model = model.eval().to(settings.device)
@@ -434,6 +435,20 @@ def _ort_int8_peak(n: int, threads: int, repeats: int) -> dict:
 
 
 @contextlib.contextmanager
+def quiet_transformers():
+    """No tqdm bar from transformers while loading (it would break through the bench's own bar)."""
+    from transformers.utils import logging
+
+    enabled = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            logging.enable_progress_bar()
+
+
+@contextlib.contextmanager
 def torch_threads(threads: int):
     """torch's intra-op thread count for the duration, restored after."""
     import torch
@@ -498,7 +513,8 @@ def resize_checkpoint(checkpoint: str | Path, output: str | Path, resolution: in
     import torch
     from transformers import AutoProcessor, PaliGemmaForConditionalGeneration
 
-    model = PaliGemmaForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32, use_safetensors=True)
+    with quiet_transformers():
+        model = PaliGemmaForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32, use_safetensors=True)
     tower = model.model.vision_tower
     embeddings = getattr(tower, "vision_model", tower).embeddings
     patch, native = embeddings.patch_size, embeddings.image_size
@@ -515,7 +531,8 @@ def resize_checkpoint(checkpoint: str | Path, output: str | Path, resolution: in
     model.config.text_config.num_image_tokens = positions
     model.config.pgexport_variant = f"{LATENCY_ONLY}: position embeddings interpolated from {native} to {resolution} px"
     output = Path(output)
-    model.save_pretrained(output)
+    with quiet_transformers():
+        model.save_pretrained(output)
     model.generation_config.save_pretrained(output)
     processor = AutoProcessor.from_pretrained(checkpoint)
     processor.image_processor.size = {"height": resolution, "width": resolution}
@@ -725,6 +742,10 @@ def bench(
     threads = settings.thread_count
     with tempfile.TemporaryDirectory(prefix="pgexport-bench-") as workdir, torch_threads(threads):
         jobs, skipped = plan_jobs(resolved, settings, Path(workdir))
+        labels = [job.label for job in jobs]
+        chosen = next((job.label for job in jobs if baseline in (None, job.label, job.target.name)), None)
+        if chosen is None:
+            raise BadInputError(f"baseline {baseline!r} is none of the targets: {', '.join(labels)}")
         units = 1 + sum(1 + len(settings.batches) * (settings.warmup + settings.runs) for _ in jobs)
         rows = []
         with stages(units, progress) as advance:
@@ -738,12 +759,8 @@ def bench(
                     skipped.append({"target": job.target.name, "dtype": job.dtype, "engine": job.engine, "reason": str(error)})
     if not rows:
         raise UnsupportedError("nothing to benchmark: " + "; ".join(s["reason"] for s in skipped))
-    labels = list(dict.fromkeys(row["label"] for row in rows))
-    chosen = labels[0]
-    if baseline is not None:
-        chosen = next((r["label"] for r in rows if baseline in (r["label"], r["target"])), None)
-        if chosen is None:
-            raise BadInputError(f"baseline {baseline!r} is none of the targets: {', '.join(labels)}")
+    if not any(row["label"] == chosen for row in rows):  # the baseline's job was skipped
+        chosen = rows[0]["label"]
     add_baseline_ratios(rows, chosen)
     report = {
         "schema": SCHEMA,

@@ -163,6 +163,11 @@ def test_a_bad_target_exits_4(tmp_path, kind):
         bench([target], **TINY, progress=False)
 
 
+def test_an_unknown_baseline_is_refused_before_anything_runs(demo_artifact):
+    result = CliRunner().invoke(main, ["bench", str(demo_artifact), "--baseline", "no-such-target", *TINY_ARGS])
+    assert result.exit_code == 4 and "baseline 'no-such-target'" in result.output
+
+
 def test_cli_mirrors_the_api():
     """Every option of `pgexport bench` is a keyword of `bench` with the same name, and back."""
     command = main.commands["bench"]
