@@ -160,6 +160,36 @@ def verify_command(artifact):
     click.echo(f"{artifact}: every file matches manifest.json")
 
 
+@main.command("build")
+@click.argument("recipe", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Build folder (default: the recipe's `output`).")
+@click.option("--force", is_flag=True, help="Redo every stage, even those a previous run finished.")
+@click.option("--json", "as_json", is_flag=True, help="Print the build summary as JSON instead of tables.")
+def build_command(recipe, output, force, as_json):
+    """Build every artifact RECIPE (YAML) names: cached stages, gates, a verified manifest.json.
+
+    Exit codes: 0 built and verified; 6 a gate failed (all written, manifest.json says which);
+    3 bad model; 4 bad recipe (the message names the key) or a file does not verify;
+    5 the output is not a build folder; 1 internal error.
+    """
+    from pgexport.build import BuildGateFailed, build, summary_tables
+
+    def show(summary):
+        if as_json:
+            click.echo(json.dumps(summary, indent=2))
+            return
+        for table in summary_tables(summary):
+            console.print(table)
+        console.print(f"wrote {summary['output']} ({summary['files']} files, {summary['bytes'] / 1e6:.1f} MB)")
+
+    try:
+        summary = build(recipe, output, force=force, progress=not as_json)
+    except BuildGateFailed as error:
+        show(error.summary)
+        raise
+    show(summary)
+
+
 @main.command("bench")
 @click.argument("targets", nargs=-1, required=True)
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
