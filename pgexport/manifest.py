@@ -27,10 +27,10 @@ def sha256_file(path: Path) -> str:
 
 
 def file_entries(folder: Path) -> dict[str, dict]:
-    """Every file under `folder` except the manifest: relative path -> {sha256, bytes}."""
+    """Every file under `folder` except its own manifest (nested ones are listed): relative path -> {sha256, bytes}."""
     entries = {}
     for path in sorted(Path(folder).rglob("*")):
-        if path.is_file() and path.name != MANIFEST:
+        if path.is_file() and path != Path(folder) / MANIFEST:
             entries[path.relative_to(folder).as_posix()] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
     return entries
 
@@ -68,7 +68,7 @@ def verify(folder: Path) -> list[str]:
     folder = Path(folder)
     expected = read_manifest(folder).get("files", {})
     problems = []
-    present = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST}
+    present = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and p != folder / MANIFEST}
     for name in sorted(set(expected) - present):
         problems.append(f"missing: {name}")
     for name in sorted(present - set(expected)):
