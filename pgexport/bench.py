@@ -342,7 +342,7 @@ def gpu_memory_used() -> int:
 # ---------------------------------------------------------------------------------------- hardware
 
 
-def copy_bandwidth(device: str, threads: int, repeats: int = 10) -> dict:
+def copy_bandwidth(device: str, threads: int, repeats: int = 6) -> dict:
     """Copy a buffer far larger than the caches; bytes read + written over the time. Best and median."""
     times = []
     if device == "cuda":
@@ -382,7 +382,7 @@ def _time_best(fn, repeats: int, clock) -> tuple[float, float]:
     return min(times), float(np.median(times))
 
 
-def matmul_peaks(device: str, threads: int, repeats: int = 5) -> dict:
+def matmul_peaks(device: str, threads: int, repeats: int = 3) -> dict:
     """Square matmul throughput per precision, in GFLOP/s (best and median).
 
     CPU: fp32 with numpy and torch (the better is the peak), int8 with onnxruntime's MatMulInteger
@@ -598,27 +598,58 @@ def load_runner(job: Job, settings: Settings):
     return TorchRunner(job.target, job.dtype, settings, static_cache=job.engine == "pytorch-static-compiled")
 
 
-def floors(runner, job: Job, settings: Settings, batch: int, prompt_length: int, hardware: dict) -> dict:
-    """The physical floor of a decode step (bytes over bandwidth) and of prefill (FLOPs over peak)."""
+def decode_and_prefill_work(runner, job: Job, settings: Settings, batch: int, prompt_length: int) -> dict:
+    """What a decode step must read and what prefill must compute: the numerators of the floors."""
     context = prompt_length + settings.new_tokens / 2  # the mean past length over the decode steps
     kv = kv_cache_bytes(job.target.config, batch, context, runner.kv_itemsize)
-    bandwidth = hardware["copy_bandwidth"]["gbps_best"] * 1e9
-    peak_name = job.dtype if job.dtype in hardware["matmul"] else "fp32"
-    flops = 2 * runner.decoder_params * batch * prompt_length
     return {
         "decoder_weight_bytes": runner.weight_bytes,
         "kv_cache_bytes": kv,
         "kv_context": context,
         "decode_bytes": runner.weight_bytes + kv,
-        "bandwidth_gbps": bandwidth / 1e9,
-        "decode_floor_s": (runner.weight_bytes + kv) / bandwidth,
         "decoder_params": runner.decoder_params,
         "prefill_tokens": batch * prompt_length,
-        "prefill_flops": flops,
-        "matmul_peak": peak_name,
-        "matmul_peak_gflops": hardware["matmul"][peak_name]["gflops_best"],
-        "prefill_floor_s": flops / (hardware["matmul"][peak_name]["gflops_best"] * 1e9),
+        "prefill_flops": 2 * runner.decoder_params * batch * prompt_length,
     }
+
+
+def add_floors(rows: list[dict], hardware: dict) -> None:
+    """Each row's floors over the machine's best measured bandwidth and matmul peak, and the row as
+    a multiple of them. Contention only ever lowers a probe, so the best of all probes is the
+    closest to what the hardware allows."""
+    bandwidth = hardware["copy_bandwidth"]["gbps_best"] * 1e9
+    for row in rows:
+        floor = row["floor"]
+        peak_name = row["dtype"] if row["dtype"] in hardware["matmul"] else "fp32"
+        peak = hardware["matmul"][peak_name]["gflops_best"] * 1e9
+        floor.update({
+            "bandwidth_gbps": bandwidth / 1e9,
+            "decode_floor_s": floor["decode_bytes"] / bandwidth,
+            "decode_x_floor": row["per_token_s"]["p50"] / (floor["decode_bytes"] / bandwidth),
+            "decode_gbps": floor["decode_bytes"] / row["per_token_s"]["p50"] / 1e9,
+            "matmul_peak": peak_name,
+            "matmul_peak_gflops": peak / 1e9,
+            "prefill_floor_s": floor["prefill_flops"] / peak,
+            "prefill_x_floor": row["prefill_s"]["p50"] / (floor["prefill_flops"] / peak),
+        })
+
+
+def probe_hardware(device: str, threads: int) -> dict:
+    return {"copy_bandwidth": copy_bandwidth(device, threads), "matmul": matmul_peaks(device, threads)}
+
+
+def best_of(probes: list[dict]) -> dict:
+    """The best copy bandwidth and the best peak per precision over several probes."""
+    best = {"copy_bandwidth": max((p["copy_bandwidth"] for p in probes), key=lambda c: c["gbps_best"]), "matmul": {}}
+    for name in probes[0]["matmul"]:
+        best["matmul"][name] = max((p["matmul"][name] for p in probes), key=lambda m: m["gflops_best"])
+    return best
+
+
+def probe_summary(probe: dict) -> dict:
+    """A probe in three numbers: how much of the machine this process got at that moment."""
+    return {"copy_gbps": probe["copy_bandwidth"]["gbps_best"],
+            **{f"{name}_gflops": m["gflops_best"] for name, m in probe["matmul"].items() if "_" not in name}}
 
 
 def time_batch(runner, job: Job, settings: Settings, batch: int, advance) -> tuple[dict, list[Timing], dict]:
@@ -648,8 +679,8 @@ def time_batch(runner, job: Job, settings: Settings, batch: int, advance) -> tup
     return inputs, timings, memory
 
 
-def run_job(job: Job, settings: Settings, hardware: dict, advance) -> list[dict]:
-    """Load once, then time each batch size; one result row per batch."""
+def run_job(job: Job, settings: Settings, advance) -> list[dict]:
+    """Load once, then time each batch size; one result row per batch (floors added later)."""
     rss_reset = reset_peak_rss()
     started = time.perf_counter()
     runner = load_runner(job, settings)
@@ -676,11 +707,7 @@ def run_job(job: Job, settings: Settings, hardware: dict, advance) -> list[dict]
             "load_peak_rss_bytes": load_peak,
             **memory,
         }
-        floor = floors(runner, job, settings, batch, prompt_length, hardware)
-        floor["decode_x_floor"] = per_token["p50"] / floor["decode_floor_s"]
-        floor["decode_gbps"] = floor["decode_bytes"] / per_token["p50"] / 1e9
-        floor["prefill_x_floor"] = row["prefill_s"]["p50"] / floor["prefill_floor_s"]
-        rows.append({**row, "floor": floor})
+        rows.append({**row, "floor": decode_and_prefill_work(runner, job, settings, batch, prompt_length)})
     del runner
     gc.collect()
     return rows
@@ -746,22 +773,28 @@ def bench(
         chosen = next((job.label for job in jobs if baseline in (None, job.label, job.target.name)), None)
         if chosen is None:
             raise BadInputError(f"baseline {baseline!r} is none of the targets: {', '.join(labels)}")
-        units = 1 + sum(1 + len(settings.batches) * (settings.warmup + settings.runs) for _ in jobs)
-        rows = []
+        units = 1 + sum(2 + len(settings.batches) * (settings.warmup + settings.runs) for _ in jobs)
+        rows, probes = [], []
         with stages(units, progress) as advance:
-            advance("measuring copy bandwidth and matmul peaks")
-            hardware = {"copy_bandwidth": copy_bandwidth(device, threads), "matmul": matmul_peaks(device, threads)}
             for job in jobs:
+                advance(f"{job.label}: measuring copy bandwidth and matmul peaks")
+                probes.append(probe_hardware(device, threads))
                 advance(f"{job.label}: loading")
                 try:
-                    rows += run_job(job, settings, hardware, advance)
+                    job_rows = run_job(job, settings, advance)
                 except UnsupportedError as error:
                     skipped.append({"target": job.target.name, "dtype": job.dtype, "engine": job.engine, "reason": str(error)})
+                    continue
+                rows += [{**row, "probe_before": probe_summary(probes[-1])} for row in job_rows]
+            advance("measuring copy bandwidth and matmul peaks again")
+            probes.append(probe_hardware(device, threads))
     if not rows:
         raise UnsupportedError("nothing to benchmark: " + "; ".join(s["reason"] for s in skipped))
     if not any(row["label"] == chosen for row in rows):  # the baseline's job was skipped
         chosen = rows[0]["label"]
     add_baseline_ratios(rows, chosen)
+    hardware = {**best_of(probes), "probes": [probe_summary(probe) for probe in probes]}
+    add_floors(rows, hardware)
     report = {
         "schema": SCHEMA,
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -811,14 +844,15 @@ def to_markdown(report: dict) -> str:
         f"- Device: {env['device']}: {device}; {env['threads']} threads of {env['cpu']['usable_cpus']} usable CPUs.",
         f"- Versions: torch {versions.get('torch')}, transformers {versions.get('transformers')}, "
         f"onnxruntime {versions.get('onnxruntime')}, numpy {versions.get('numpy')}.",
-        f"- Measured in this run: copy bandwidth {hw['copy_bandwidth']['gbps_best']:.1f} GB/s best "
-        f"({hw['copy_bandwidth']['gbps_median']:.1f} median; read + write bytes); matmul peak GFLOP/s (best): {peaks}.",
+        f"- Measured in this run (best of {len(hw['probes'])} probes: one before each target, one at the end): copy "
+        f"bandwidth {hw['copy_bandwidth']['gbps_best']:.1f} GB/s (read + write bytes); matmul peak GFLOP/s: {peaks}.",
         f"- Prompt: {first['image_tokens']} image + {settings['prompt_tokens']} text tokens; {settings['new_tokens']} new "
         f"tokens (greedy, no eos stop); {settings['warmup']} warm-up + {settings['runs']} timed runs; medians (p50).",
         f"- Speedup = the baseline's median / this row's median, same batch and resolution, same run. "
         f"Baseline: `{report['baseline']}`.",
         "- x floor = measured / floor. Decode floor: (decoder weight bytes + KV cache bytes) / copy bandwidth. "
-        "Prefill floor: 2 x decoder params x prompt tokens / matmul peak of the row's precision (fp32 where none).",
+        "Prefill floor: 2 x decoder params x prompt tokens / matmul peak of the row's precision (fp32 where none). "
+        "Below 1: the probes got less of the shared machine than that target did.",
         "",
         "| target | engine | dtype | res | batch | load s | vision s | TTFT s | per token s p50 / p90 / p99 | tok/s "
         "| peak RSS GB | decode x floor | prefill x floor | TTFT speedup | per-token speedup |",
@@ -836,6 +870,12 @@ def to_markdown(report: dict) -> str:
         )
     if any(row["latency_only"] for row in report["results"]):
         lines += ["", f"\\* {LATENCY_ONLY}: SigLIP position embeddings interpolated from the native resolution."]
+    lines.append("")
+    seen = {}
+    for row in report["results"]:
+        seen.setdefault(row["label"], row["probe_before"])
+    probes = "; ".join(f"{label}: {p['copy_gbps']:.1f} GB/s, fp32 {p['fp32_gflops']:.0f} GFLOP/s" for label, p in seen.items())
+    lines.append(f"- What the machine gave just before each target (other jobs share it): {probes}.")
     for skip in report["skipped"]:
         what = " ".join(str(skip[k]) for k in ("target", "dtype", "engine", "resolution") if k in skip)
         lines.append(f"- skipped {what}: {skip['reason']}")

@@ -73,6 +73,10 @@ def test_floors_present_and_consistent(cli_run):
     bandwidth = report["hardware"]["copy_bandwidth"]["gbps_best"]
     assert bandwidth > 0 and report["hardware"]["matmul"]["fp32"]["gflops_best"] > 0
     assert report["hardware"]["matmul"]["int8"]["gflops_best"] > 0
+    probes = report["hardware"]["probes"]
+    assert len(probes) == 3 + 1  # one before each (target, dtype), one at the end
+    assert math.isclose(bandwidth, max(probe["copy_gbps"] for probe in probes))
+    assert all(row["probe_before"]["copy_gbps"] > 0 for row in report["results"])
     by_label = {}
     for row in report["results"]:
         floor = row["floor"]
