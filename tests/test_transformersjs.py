@@ -82,16 +82,29 @@ def _runtime(artifact: Path, dtype: str):
 
 def torch_greedy(checkpoint: Path, image: Path, prompt: str, new_tokens: int, stop_at_eos: bool = False) -> dict:
     """transformers' own greedy generate on the checkpoint, fed as the parity gate feeds it
-    (processor inputs for "<image>" + prompt, token_type_ids 0 over the prompt)."""
+    (processor inputs for "<image>" + prompt, token_type_ids 0 over the prompt).
+
+    eos is disabled with `eos_token_id=[]`: transformers 5.24 fills a None eos_token_id from the
+    model's generation config, so None would still stop at eos."""
+    import torch
+    from transformers import GenerationConfig
+
     from pgexport.runtime import open_image, prepare_inputs
-    from pgexport.validate import reference_generate
+    from pgexport.validate import _torch_inputs
 
     loaded = _checkpoint(Path(checkpoint))
+    model = loaded.model
     inputs = prepare_inputs(loaded.processor, [open_image(image)], [prompt])
-    tokens, _ = reference_generate(loaded.model, inputs, new_tokens, stop_at_eos=stop_at_eos)
-    tokens = tokens[0].tolist()
-    if stop_at_eos and loaded.processor.tokenizer.eos_token_id in tokens:
-        tokens = tokens[: tokens.index(loaded.processor.tokenizer.eos_token_id) + 1]
+    config = GenerationConfig(
+        max_new_tokens=new_tokens,
+        do_sample=False,
+        eos_token_id=model.generation_config.eos_token_id if stop_at_eos else [],
+        pad_token_id=model.generation_config.pad_token_id,
+        bos_token_id=model.generation_config.bos_token_id,
+    )
+    with torch.no_grad():
+        sequences = model.generate(**_torch_inputs(inputs), generation_config=config)
+    tokens = sequences[0, inputs["input_ids"].shape[1] :].tolist()
     return {"tokens": tokens, "input_ids": inputs["input_ids"][0].tolist()}
 
 
@@ -121,18 +134,24 @@ def _int8_available() -> bool:
 
 @pytest.fixture(scope="module")
 def demo_js_artifact(tmp_path_factory):
-    """The demo model exported with --int8 (gate off: tests/test_demo_artifact.py covers it)."""
-    from pgexport.demo import CHECKPOINT_DIR, sample_inputs
+    """The demo model exported with --int8 (gate off: tests/test_demo_artifact.py covers it), and
+    its sample inputs: `sample_inputs(3)` plus the held-out row with the longest answer (so that
+    a run stopped at eos still compares >= 8 real tokens)."""
+    from pgexport.demo import CHECKPOINT_DIR, EVAL_FILE, load_split, sample_inputs
     from pgexport.pipeline import export_onnx
 
     out = tmp_path_factory.mktemp("demo-js") / "demo"
     export_onnx(None, out, int8=_int8_available(), validate=False, progress=False)
+    tokenizer = _checkpoint(Path(CHECKPOINT_DIR)).processor.tokenizer
+    longest = max(load_split(EVAL_FILE), key=lambda row: len(tokenizer(row.suffix)["input_ids"]))
+    pairs = sample_inputs(3) + [(longest.open_image(), longest.prefix)]
     images = tmp_path_factory.mktemp("demo-js-images")
-    samples = [(model_sized_image(image, out, images, f"sample{i}"), prompt) for i, (image, prompt) in enumerate(sample_inputs(3))]
+    samples = [(model_sized_image(image, out, images, f"sample{i}"), prompt) for i, (image, prompt) in enumerate(pairs)]
     return Path(CHECKPOINT_DIR), out, samples
 
 
 def test_demo_fp32_generates_like_pytorch(transformers_js, demo_js_artifact):
+    """eos off on both sides: NEW_TOKENS tokens each, compared one for one."""
     checkpoint, artifact, samples = demo_js_artifact
     for image, prompt in samples:
         js = transformers_js(artifact, image, prompt, NEW_TOKENS)
@@ -142,13 +161,17 @@ def test_demo_fp32_generates_like_pytorch(transformers_js, demo_js_artifact):
 
 
 def test_demo_fp32_stops_at_eos_like_pytorch(transformers_js, demo_js_artifact):
-    """With eos on (the generation config's), both stop at the same eos with the same text."""
+    """eos on (the generation config's): both stop at the same eos with the same answer."""
     checkpoint, artifact, samples = demo_js_artifact
-    image, prompt = samples[0]
-    js = transformers_js(artifact, image, prompt, 48, stop_at_eos=True)
-    reference = torch_greedy(checkpoint, image, prompt, 48, stop_at_eos=True)
-    assert js["tokens"] == reference["tokens"]
-    assert js["tokens"][-1] == json.loads((artifact / "generation_config.json").read_text())["eos_token_id"]
+    eos = json.loads((artifact / "generation_config.json").read_text())["eos_token_id"]
+    lengths = []
+    for image, prompt in samples:
+        js = transformers_js(artifact, image, prompt, 48, stop_at_eos=True)
+        reference = torch_greedy(checkpoint, image, prompt, 48, stop_at_eos=True)
+        assert js["tokens"] == reference["tokens"], f"demo fp32 {prompt!r}, eos on"
+        assert js["tokens"][-1] == eos, f"{prompt!r}: no eos within 48 tokens"
+        lengths.append(len(js["tokens"]))
+    assert max(lengths) >= 8, lengths
 
 
 def test_demo_int8_generates_like_our_runtime(transformers_js, demo_js_artifact):
