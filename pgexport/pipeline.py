@@ -46,10 +46,13 @@ def save_model_files(checkpoint: Checkpoint, folder: Path) -> None:
     """config, generation config, tokenizer and processor files: what makes the folder self-contained."""
     checkpoint.model.config.save_pretrained(folder)
     checkpoint.model.generation_config.save_pretrained(folder)
+    checkpoint.processor.tokenizer.padding_side = "left"  # batches are left-padded (written to tokenizer_config)
     checkpoint.processor.save_pretrained(folder)
-    # transformers 5 nests the image processor in processor_config.json; transformers.js and
-    # older transformers read preprocessor_config.json.
-    checkpoint.processor.image_processor.save_pretrained(folder)
+    # transformers 5 nests the image processor in processor_config.json; transformers.js and older
+    # transformers read preprocessor_config.json, and transformers.js picks the processor class there.
+    image_processor = checkpoint.processor.image_processor
+    image_processor.processor_class = "PaliGemmaProcessor"
+    image_processor.save_pretrained(folder)
 
 
 def eval_rows_for(checkpoint: Checkpoint, eval_file: str | Path | None):

@@ -10,12 +10,12 @@ and, given held-out rows, the exact-match change. All failures are collected bef
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import GenerationConfig
 
 from pgexport.runtime import OnnxPaliGemma, left_pad_positions, open_image, prepare_inputs
 
@@ -67,19 +67,29 @@ def _torch_inputs(inputs: dict) -> dict:
     return tensors
 
 
+@contextlib.contextmanager
+def _eos_disabled(model, disabled: bool):
+    """generate() fills an unset eos_token_id from the model's generation config, so ignoring eos
+    means clearing it there for the call; always restored."""
+    saved = model.generation_config.eos_token_id
+    if disabled:
+        model.generation_config.eos_token_id = None
+    try:
+        yield
+    finally:
+        model.generation_config.eos_token_id = saved
+
+
 def reference_generate(model, inputs: dict, new_tokens: int, stop_at_eos: bool = False):
     """transformers' own greedy generate -> (new tokens [batch, steps], per-step logits)."""
-    config = GenerationConfig(
-        max_new_tokens=new_tokens,
-        do_sample=False,
-        eos_token_id=model.generation_config.eos_token_id if stop_at_eos else None,
-        pad_token_id=model.generation_config.pad_token_id,
-        bos_token_id=model.generation_config.bos_token_id,
-        output_logits=True,
-        return_dict_in_generate=True,
-    )
-    with torch.no_grad():
-        out = model.generate(**_torch_inputs(inputs), generation_config=config)
+    with _eos_disabled(model, not stop_at_eos), torch.no_grad():
+        out = model.generate(
+            **_torch_inputs(inputs),
+            max_new_tokens=new_tokens,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
     prompt_length = inputs["input_ids"].shape[1]
     return out.sequences[:, prompt_length:].numpy(), [step.float().numpy() for step in out.logits]
 
