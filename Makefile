@@ -17,11 +17,11 @@ $(VENV)/.installed: pyproject.toml
 EVAL_IMAGES := pgexport/demo/data/images
 
 # Export the demo model (fp32 + int8, parity table printed), then answer held-out eval images
-# (expected: "blue", then "<loc0512><loc0000><loc0767><loc0255> circle"; see pgexport/demo/data/eval.jsonl).
+# (expected: "blue", then "red triangle and yellow triangle and red circle"; see pgexport/demo/data/eval.jsonl).
 demo: setup
 	$(BIN)/pgexport onnx --int8 -o $(DEMO_OUT) --force
 	$(BIN)/pgexport generate $(DEMO_OUT) --image $(EVAL_IMAGES)/eval_001.png --prompt "what color is the circle?"
-	$(BIN)/pgexport generate $(DEMO_OUT) --image $(EVAL_IMAGES)/eval_003.png --prompt "detect circle"
+	$(BIN)/pgexport generate $(DEMO_OUT) --image $(EVAL_IMAGES)/eval_000.png --prompt "caption en"
 
 test: setup
 	$(BIN)/python -m pytest -q
