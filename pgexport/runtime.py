@@ -107,6 +107,17 @@ class OnnxPaliGemma:
         embeds[slots] = features.reshape(-1, features.shape[-1]).astype(embeds.dtype)
         return embeds
 
+    def prefill_feed(self, input_ids: np.ndarray, attention_mask: np.ndarray, pixel_values: np.ndarray) -> dict:
+        """The decoder's inputs for the prompt: embeddings with image features, mask, 1-based
+        positions and an empty past."""
+        mask = attention_mask.astype(np.int64)
+        past = {
+            i.name: np.zeros((input_ids.shape[0], i.shape[1], 0, i.shape[3]), dtype=self.float_type)
+            for i in self.past_inputs
+        }
+        embeds = self.prefill_embeds(input_ids, pixel_values).astype(self.float_type)
+        return {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": left_pad_positions(mask), **past}
+
     def generate_ids(
         self,
         input_ids: np.ndarray,
@@ -122,19 +133,13 @@ class OnnxPaliGemma:
         given tokens instead of the argmax (to compare logits along a reference's path)."""
         batch = input_ids.shape[0]
         decoder = self.sessions["decoder_model_merged"]
-        embeds = self.prefill_embeds(input_ids, pixel_values)
-        mask = attention_mask.astype(np.int64)
-        positions = left_pad_positions(mask)
-        past = {
-            i.name: np.zeros((batch, i.shape[1], 0, i.shape[3]), dtype=self.float_type) for i in self.past_inputs
-        }
+        feed = self.prefill_feed(input_ids, attention_mask, pixel_values)
+        mask = feed["attention_mask"]
         steps = forced_tokens.shape[1] if forced_tokens is not None else max_new_tokens
         tokens, all_logits = [], []
         finished = np.zeros(batch, dtype=bool)
         for step in range(steps):
-            outputs = decoder.run(
-                None, {"inputs_embeds": embeds.astype(self.float_type), "attention_mask": mask, "position_ids": positions, **past}
-            )
+            outputs = decoder.run(None, feed)
             logits = outputs[0][:, -1].astype(np.float32)
             if keep_logits:
                 all_logits.append(logits)
@@ -145,10 +150,14 @@ class OnnxPaliGemma:
                 finished |= chosen == self.eos_token_id
                 if finished.all():
                     break
-            past = {i.name: value for i, value in zip(self.past_inputs, outputs[1:])}
             mask = np.concatenate([mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
-            positions = mask.sum(-1, keepdims=True).astype(np.int64)
             embeds = self.sessions["embed_tokens"].run(None, {"input_ids": chosen[:, None].astype(np.int64)})[0]
+            feed = {
+                "inputs_embeds": embeds.astype(self.float_type),
+                "attention_mask": mask,
+                "position_ids": mask.sum(-1, keepdims=True).astype(np.int64),
+                **{i.name: value for i, value in zip(self.past_inputs, outputs[1:])},
+            }
         return np.stack(tokens, axis=1), all_logits
 
     def generate(self, images: list[Image.Image], prompts: list[str], max_new_tokens: int = 32) -> list[Generation]:

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pgexport.runtime import OnnxPaliGemma, left_pad_positions, open_image, prepare_inputs
+from pgexport.runtime import OnnxPaliGemma, open_image, prepare_inputs
 
 PARITY_NEW_TOKENS = 16
 EVAL_BATCH = 16
@@ -144,12 +144,8 @@ def _agreement(reference: np.ndarray, candidate: np.ndarray) -> float:
 
 
 def _prefill_logits(runtime: OnnxPaliGemma, inputs: dict) -> np.ndarray:
-    batch = inputs["input_ids"].shape[0]
-    embeds = runtime.prefill_embeds(inputs["input_ids"], inputs["pixel_values"])
-    mask = inputs["attention_mask"].astype(np.int64)
-    past = {i.name: np.zeros((batch, i.shape[1], 0, i.shape[3]), runtime.float_type) for i in runtime.past_inputs}
-    feed = {"inputs_embeds": embeds.astype(runtime.float_type), "attention_mask": mask, "position_ids": left_pad_positions(mask)}
-    return runtime.sessions["decoder_model_merged"].run(["logits"], {**feed, **past})[0].astype(np.float32)
+    feed = runtime.prefill_feed(inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"])
+    return runtime.sessions["decoder_model_merged"].run(["logits"], feed)[0].astype(np.float32)
 
 
 def check_hop(runtime: OnnxPaliGemma, reference: Reference, thresholds: Thresholds) -> dict:
