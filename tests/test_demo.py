@@ -65,7 +65,7 @@ def test_held_out_exact_match(demo):
     assert score >= 0.85, list(zip(answers, [r.suffix for r in rows]))
     recorded = json.loads((CHECKPOINT_DIR / "eval_results.json").read_text())
     # The issue asks >= 0.90 held out; the shipped model reaches 0.855 (detection boxes are the weak task).
-    assert recorded["exact_match"] >= 0.85 and recorded["rows"] == len(load_split(EVAL_FILE))
+    assert recorded["exact_match"] >= 0.9 and recorded["rows"] == len(load_split(EVAL_FILE))
 
 
 def test_generator_is_deterministic():

@@ -1,7 +1,8 @@
 """The demo model's synthetic task: coloured shapes on a coarse grid, asked about in PaliGemma's prompt styles.
 
-An image is IMAGE_SIZE pixels square, cut into a GRID x GRID board; each cell holds at most one shape
-(a circle, square or triangle in one of four colours). Every sample is one (image, prefix, suffix):
+An image is IMAGE_SIZE pixels square on a mid-grey background, cut into a GRID x GRID board of
+patch-sized cells; 1..MAX_SHAPES cells hold a shape (a circle, square or triangle in one of four
+colours). Every sample is one (image, prefix, suffix):
 
     caption en                   -> red circle and blue square      (shapes in reading order)
     what color is the circle?    -> red                             (asked only of a shape that occurs once)
@@ -122,11 +123,11 @@ def make_sample(rng: random.Random, kind: str, max_shapes: int = MAX_SHAPES) -> 
             return Sample(render(scene, rng), *qa)
 
 
-def make_split(n: int, seed: int, max_shapes: int = MAX_SHAPES) -> list[Sample]:
-    """`n` samples (PIL images), the four kinds in turn, deterministic for `seed`; scenes hold
-    1..max_shapes shapes (fewer make an easier split, for a training curriculum)."""
+def make_split(n: int, seed: int, max_shapes: int = MAX_SHAPES, kinds: tuple[str, ...] = KINDS) -> list[Sample]:
+    """`n` samples (PIL images), deterministic for `seed`: `kinds` in turn, scenes of 1..max_shapes
+    shapes (the defaults make the eval split; training starts on easier ones)."""
     rng = random.Random(f"pgexport-demo-{seed}")
-    return [make_sample(rng, KINDS[i % len(KINDS)], max_shapes) for i in range(n)]
+    return [make_sample(rng, kinds[i % len(kinds)], max_shapes) for i in range(n)]
 
 
 def exact_match(predictions: list[str], references: list[str]) -> float:

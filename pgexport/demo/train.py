@@ -37,14 +37,14 @@ STEPS = 3000
 BATCH = 64
 LR = 2e-3
 WARMUP = 100
-CURRICULUM_STEPS = 200
+CURRICULUM_STEPS = 200  # scenes of 1 shape, then up to 2, then up to MAX_SHAPES
 MAX_NEW_TOKENS = 24  # the longest answer (3 boxes) is 20 tokens with <eos>
 
 VISION = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4, patch_size=CELL)
 TEXT = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
             num_key_value_heads=1, head_dim=32,
-            # Gemma's 0.02 suits hidden sizes in the thousands; at 128 it leaves the decoder on a long
-            # plateau where answers ignore the image. ~1/sqrt(hidden) escapes it within a few dozen steps.
+            # Gemma's 0.02 suits hidden sizes in the thousands; at 128 the decoder sits on a long
+            # plateau where answers ignore the image. ~1/sqrt(hidden) starts using the image quickly.
             initializer_range=0.08)
 
 
@@ -86,14 +86,18 @@ def _key(sample: Sample) -> tuple[bytes, str]:
     return sample.open_image().tobytes(), sample.prefix
 
 
-def max_shapes_at(step: int) -> int:
-    """The curriculum: scenes of one shape first, one more every CURRICULUM_STEPS, up to MAX_SHAPES."""
-    return min(MAX_SHAPES, 1 + step // CURRICULUM_STEPS)
+def curriculum(step: int) -> dict:
+    """make_split options for `step`. Single-shape scenes first teach what a shape's patch looks like;
+    `detect` waits for two shapes, since on one shape it would learn to box every shape whatever
+    the class asked for (a habit that later training does not undo)."""
+    if step < CURRICULUM_STEPS:
+        return dict(max_shapes=1, kinds=("caption", "color", "count"))
+    return dict(max_shapes=min(MAX_SHAPES, 1 + step // CURRICULUM_STEPS))
 
 
 def training_batch(processor, step: int, held_out: set) -> dict:
     """Processor inputs with suffix labels for step `step`'s fresh samples, held-out ones dropped."""
-    samples = [s for s in make_split(BATCH, seed=step, max_shapes=max_shapes_at(step)) if _key(s) not in held_out]
+    samples = [s for s in make_split(BATCH, seed=step, **curriculum(step)) if _key(s) not in held_out]
     processor.tokenizer.padding_side = "right"
     return processor(
         images=[s.image for s in samples],
