@@ -45,3 +45,13 @@ class UnsupportedError(PgExportError):
     """A valid request that pgexport cannot carry out (opset, method, architecture option)."""
 
     exit_code = 7
+
+
+def import_optional(module: str, extra: str):
+    """Import an optional dependency, or raise UnsupportedError naming the extra that installs it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as error:
+        raise UnsupportedError(f"{module} is not installed: pip install 'pgexport[{extra}]' ({error})") from error
