@@ -62,9 +62,8 @@ def test_held_out_exact_match(demo):
     rows = load_split(EVAL_FILE)[:32]
     answers = generate_answers(model, processor, rows, batch_size=16)
     score = exact_match(answers, [r.suffix for r in rows])
-    assert score >= 0.85, list(zip(answers, [r.suffix for r in rows]))
-    recorded = json.loads((CHECKPOINT_DIR / "eval_results.json").read_text())
-    # The issue asks >= 0.90 held out; the shipped model reaches 0.855 (detection boxes are the weak task).
+    assert score >= 0.9, list(zip(answers, [r.suffix for r in rows]))
+    recorded = json.loads((CHECKPOINT_DIR / "eval_results.json").read_text())  # the issue asks >= 0.90 held out
     assert recorded["exact_match"] >= 0.9 and recorded["rows"] == len(load_split(EVAL_FILE))
 
 
