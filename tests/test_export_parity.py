@@ -2,10 +2,13 @@
 
 import json
 
+import numpy as np
 import onnx
 import pytest
 
+from pgexport.demo import sample_inputs
 from pgexport.manifest import sha256_file
+from pgexport.runtime import OnnxPaliGemma, prepare_inputs
 
 PRESETS = ["tiny-pg1", "tiny-pg1-mqa4", "tiny-pg2", "tiny-pg2-448"]
 
@@ -34,7 +37,9 @@ def test_decoder_contract(artifact_factory):
     assert inputs["attention_mask"] == ["batch_size", "total_sequence_length"]
     assert inputs["past_key_values.0.key"] == ["batch_size", kv, "past_sequence_length", head]
     assert len([n for n in inputs if n.startswith("past_key_values.")]) == 2 * layers
-    assert outputs["logits"] == ["batch_size", "sequence_length", config["vocab_size"]]
+    assert outputs["logits"] == ["batch_size", "logits_length", config["vocab_size"]]
+    assert inputs["logits_to_keep"] == []  # a scalar, overridable: its initializer's 0 keeps every position
+    assert onnx.numpy_helper.to_array(next(t for t in graph.initializer if t.name == "logits_to_keep")) == 0
     assert outputs[f"present.{layers - 1}.value"] == ["batch_size", kv, "total_sequence_length", head]
     ops = {node.op_type for node in graph.node}
     assert "Tanh" in ops, "Gemma2 soft-capping must be in the graph"
@@ -73,3 +78,18 @@ def test_verify_catches_a_changed_byte(artifact_factory, tmp_path):
     result = CliRunner().invoke(main, ["verify", str(copy)])
     assert result.exit_code == BadInputError.exit_code
     assert "sha256 differs: onnx/embed_tokens.onnx" in result.output and "extra: stray.txt" in result.output
+
+
+@pytest.mark.parametrize("preset", ["tiny-pg1", "tiny-pg2"])  # tiny-pg2: the head sits under a soft-cap
+def test_logits_to_keep(artifact_factory, preset):
+    _, artifact, _ = artifact_factory(preset)
+    runtime = OnnxPaliGemma(artifact)
+    images, prompts = zip(*sample_inputs(3))
+    feed = runtime.prefill_feed(**prepare_inputs(runtime.processor, list(images), list(prompts)))
+    decoder = runtime.sessions["decoder_model_merged"]
+    full = decoder.run(["logits"], feed)[0]
+    assert full.shape[1] == feed["inputs_embeds"].shape[1]
+    for keep in (1, 3):
+        last = decoder.run(["logits"], {**feed, "logits_to_keep": np.array(keep, dtype=np.int64)})[0]
+        assert last.shape[1] == keep
+        np.testing.assert_array_equal(last, full[:, -keep:])

@@ -3,7 +3,12 @@
     vision_encoder.onnx          pixel_values -> image_features (projector included)
     embed_tokens.onnx            input_ids -> inputs_embeds
     decoder_model_merged.onnx    inputs_embeds, attention_mask, position_ids, past_key_values.{i}.key/value
-                                 -> logits, present.{i}.key/value
+                                 [, logits_to_keep] -> logits, present.{i}.key/value
+
+`logits_to_keep` (int64 scalar, transformers' argument of that name) is an overridable
+initializer: consumers that do not feed it (transformers.js, Optimum) get logits for every
+position, as before; a generation loop feeds 1 at prefill and skips the LM head for the prompt
+(a [batch, prompt, 257216] fp32 tensor: 4.2 GB per row at 896 px).
 
 Each graph's I/O contract is data (`GraphSpec`) next to the wrapper that implements it.
 """
@@ -18,8 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import onnx
 import torch
+from onnx import helper, numpy_helper
 from torch.utils import _pytree as pytree
 
 from pgexport.errors import UnsupportedError
@@ -104,7 +111,7 @@ def decoder_spec(config) -> GraphSpec:
         "inputs_embeds": {0: "batch_size", 1: "sequence_length"},
         "attention_mask": {0: "batch_size", 1: "total_sequence_length"},
         "position_ids": {0: "batch_size", 1: "sequence_length"},
-        "logits": {0: "batch_size", 1: "sequence_length"},
+        "logits": {0: "batch_size", 1: "logits_length"},  # sequence_length, or logits_to_keep
     }
     axes.update({name: {0: "batch_size", 2: "past_sequence_length"} for name in past_names})
     axes.update({name: {0: "batch_size", 2: "total_sequence_length"} for name in present_names})
@@ -160,6 +167,47 @@ def _name_axes(model: onnx.ModelProto, spec: GraphSpec) -> None:
             dim.dim_param = label
 
 
+# Elementwise ops that may sit between the LM head's MatMul and `logits` (Gemma2's final soft-cap).
+_LOGIT_TAIL_OPS = {"Div", "Tanh", "Mul", "Cast"}
+
+
+def _add_logits_to_keep(model: onnx.ModelProto) -> None:
+    """Slice the LM head's input to its last `logits_to_keep` positions (0, the default: all).
+
+    Done on the ONNX graph: the output length depends on an input's value, which torch.export
+    would have to treat as an unbacked size. The head is the MatMul that `logits` comes from,
+    through the soft-cap's elementwise ops, if any."""
+    producers = {out: node for node in model.graph.node for out in node.output}
+    node = producers["logits"]
+    while node.op_type in _LOGIT_TAIL_OPS:
+        node = producers[node.input[0]]
+    if node.op_type != "MatMul":
+        raise RuntimeError(f"LM head not found: logits come from {node.op_type}")
+    hidden = node.input[0]
+    keep = "logits_to_keep"
+    model.graph.initializer.append(numpy_helper.from_array(np.array(0, dtype=np.int64), keep))
+    model.graph.input.append(helper.make_tensor_value_info(keep, onnx.TensorProto.INT64, []))
+    constants = {
+        "logits_to_keep_zero": np.array(0, dtype=np.int64),
+        "logits_to_keep_end": np.array([np.iinfo(np.int64).max], dtype=np.int64),
+        "logits_to_keep_axes": np.array([1], dtype=np.int64),
+        "logits_to_keep_shape": np.array([1], dtype=np.int64),
+    }
+    model.graph.initializer.extend(numpy_helper.from_array(value, name) for name, value in constants.items())
+    sliced = f"{hidden}_last"
+    nodes = [
+        helper.make_node("Greater", [keep, "logits_to_keep_zero"], ["logits_to_keep_some"]),
+        helper.make_node("Neg", [keep], ["logits_to_keep_neg"]),
+        helper.make_node("Where", ["logits_to_keep_some", "logits_to_keep_neg", "logits_to_keep_zero"], ["logits_to_keep_start0"]),
+        helper.make_node("Reshape", ["logits_to_keep_start0", "logits_to_keep_shape"], ["logits_to_keep_start"]),
+        helper.make_node("Slice", [hidden, "logits_to_keep_start", "logits_to_keep_end", "logits_to_keep_axes"], [sliced]),
+    ]
+    node.input[0] = sliced
+    position = list(model.graph.node).index(node)
+    for offset, new in enumerate(nodes):
+        model.graph.node.insert(position + offset, new)
+
+
 def export_graph(model, spec: GraphSpec, out_dir: Path, opset: int = DEFAULT_OPSET) -> Path:
     """Export one graph of `model` into `out_dir` and return its path."""
     if not MIN_OPSET <= opset <= MAX_OPSET:
@@ -182,6 +230,8 @@ def export_graph(model, spec: GraphSpec, out_dir: Path, opset: int = DEFAULT_OPS
         program.save(str(path), external_data=external)
     proto = onnx.load(str(path), load_external_data=False)
     _name_axes(proto, spec)
+    if "logits" in spec.output_names:
+        _add_logits_to_keep(proto)
     onnx.save(proto, str(path))
     onnx.checker.check_model(str(path))
     return path
