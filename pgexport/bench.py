@@ -239,6 +239,8 @@ class OnnxRunner:
         mask = inputs["attention_mask"].astype(np.int64)
         past = {i.name: np.zeros((batch, i.shape[1], 0, i.shape[3]), model.float_type) for i in model.past_inputs}
         feed = {"inputs_embeds": embeds.astype(model.float_type), "attention_mask": mask, "position_ids": left_pad_positions(mask)}
+        if any(i.name == "logits_to_keep" for i in decoder.get_overridable_initializers()):
+            feed["logits_to_keep"] = np.array(1, np.int64)  # LM head on the last prompt position only
         outputs = decoder.run(None, {**feed, **past})
         token = outputs[0][:, -1].argmax(-1)
         first = clock()
