@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import shutil
 import time
 from pathlib import Path
 
@@ -10,14 +12,13 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 import pgexport
-from pgexport.errors import GateFailedError
+from pgexport.errors import BadInputError, GateFailedError
 from pgexport.exporters.onnx import DEFAULT_OPSET, export_graphs
 from pgexport.load import Checkpoint, load_checkpoint
-from pgexport.manifest import staging_folder, write_manifest
-from pgexport.runtime import graph_path
+from pgexport.manifest import MANIFEST, read_manifest, staging_folder, write_manifest
+from pgexport.quantize.artifact import QuantizeOptions, plan_variants, quantize_variants, size_report
+from pgexport.runtime import GRAPHS, graph_path
 
-# Graphs --int8 quantizes: the embedding table is a Gather, which dynamic int8 does not cover.
-INT8_GRAPHS = ("vision_encoder", "decoder_model_merged")
 LICENSE_NOTE = "Gemma weights are subject to the Gemma Terms of Use (https://ai.google.dev/gemma/terms)."
 
 
@@ -66,11 +67,25 @@ def eval_rows_for(checkpoint: Checkpoint, eval_file: str | Path | None):
     return None
 
 
+def _methods(int8: bool, int4: bool, fp16: bool) -> list[str]:
+    return [name for name, wanted in (("int8", int8), ("q4", int4), ("fp16", fp16)) if wanted]
+
+
+def _raise_if_failed(parity: dict | None) -> None:
+    if parity is not None and not parity["passed"]:
+        failed = {dtype: hop["failures"] for dtype, hop in parity["hops"].items() if hop["failures"]}
+        raise GateFailedError(f"parity gate failed: {failed}", report=parity)
+
+
 def export_onnx(
     model: str | Path | None = None,
     output: str | Path = "out",
     *,
     int8: bool = False,
+    int4: bool = False,
+    fp16: bool = False,
+    graphs: dict[str, str] | None = None,
+    quantize: QuantizeOptions | None = None,
     opset: int = DEFAULT_OPSET,
     validate: bool = True,
     eval_file: str | Path | None = None,
@@ -80,17 +95,24 @@ def export_onnx(
 ) -> dict:
     """Export `model` (folder or hub id; default the demo model) to an ONNX artifact at `output`.
 
-    Stages: load -> export fp32 graphs -> quantize (int8) -> save model files -> validate against
-    PyTorch -> manifest. Writes into a staging folder renamed into place at the end. Returns the
-    manifest; raises GateFailedError (artifact kept, report inside) when a parity gate fails.
+    Stages: load -> export fp32 graphs -> save model files -> PyTorch reference -> quantize ->
+    validate against PyTorch -> manifest. int8 / int4 / fp16 each add a variant (int8: vision and
+    decoder; q4 and fp16: every graph); `graphs` ({"vision"|"decoder"|"embed": precision}) sets
+    graphs' precisions on top (or alone, one variant); `quantize` says how (pgexport.quantize.artifact).
+    Writes into a staging folder renamed into place at the end. Returns the manifest; raises
+    GateFailedError (artifact kept, report inside) when a parity gate fails.
     """
     from pgexport.validate import reference_outputs, validate as run_gate
 
     output = Path(output)
+    quantize = (quantize or QuantizeOptions()).check()
+    variants = plan_variants(_methods(int8, int4, fp16), graphs)
     options = {"int8": int8, "opset": opset, "validate": validate}
-    dtypes = ["fp32"] + (["int8"] if int8 else [])
+    if variants.keys() - {"int8"} or graphs:
+        options.update(int4=int4, fp16=fp16, graphs=graphs or {}, quantize=quantize.__dict__)
+    dtypes = ["fp32", *variants]
     started = time.perf_counter()
-    with staging_folder(output, force) as staging, stages(4 + int8 + 2 * validate, progress) as advance:
+    with staging_folder(output, force) as staging, stages(4 + bool(variants) + 2 * validate, progress) as advance:
         advance("loading checkpoint")
         checkpoint = load_checkpoint(model, allow_pickle=allow_pickle)
         advance("exporting ONNX graphs")
@@ -107,18 +129,18 @@ def export_onnx(
             "default_dtype": dtypes[-1],
             "license": LICENSE_NOTE,
         }
+        if variants.keys() - {"int8"} or graphs:
+            fields["variants"] = variants
         if validate:
             advance("running the PyTorch reference")
             reference = reference_outputs(
                 checkpoint.model, checkpoint.processor, eval_rows=eval_rows_for(checkpoint, eval_file)
             )
         del checkpoint  # frees the PyTorch weights before the ONNX sessions load
-        if int8:
-            from pgexport.quantize.int8 import quantize_dynamic_int8
-
-            advance("quantizing to int8")
-            for graph in INT8_GRAPHS:
-                quantize_dynamic_int8(graph_path(staging, graph, "fp32"), graph_path(staging, graph, "int8"), progress=False)
+        if variants:
+            advance(f"quantizing ({', '.join(variants)})")
+            fields["quantization"] = quantize_variants(staging, variants, quantize, progress=False)
+            fields["sizes"] = size_report(staging, variants)
         write_manifest(staging, **fields, parity=None)  # the runtime reads dtypes from it
         parity = None
         if validate:
@@ -127,7 +149,125 @@ def export_onnx(
         advance("writing manifest")
         fields["export_seconds"] = round(time.perf_counter() - started, 2)
         manifest = write_manifest(staging, **fields, parity=parity)
-    if parity is not None and not parity["passed"]:
-        failed = {dtype: hop["failures"] for dtype, hop in parity["hops"].items() if hop["failures"]}
-        raise GateFailedError(f"parity gate failed: {failed}", report=parity)
+    _raise_if_failed(parity)
     return manifest
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """Hard link when the file system allows (a 3B artifact is 14 GB), else copy. Safe for the
+    input: every writer here replaces files by rename, never writes into one in place."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
+def quantize_artifact(
+    artifact: str | Path,
+    output: str | Path,
+    *,
+    methods: list[str] | tuple[str, ...] = (),
+    graphs: dict[str, str] | None = None,
+    quantize: QuantizeOptions | None = None,
+    reference: str | Path | None = None,
+    validate: bool = True,
+    eval_file: str | Path | None = None,
+    force: bool = False,
+    allow_pickle: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Quantize an existing artifact's fp32 graphs into a new artifact at `output`.
+
+    Stages: check the plan and the input -> link the input's files into a staging folder ->
+    PyTorch reference (the manifest's source checkpoint, or `reference`) -> quantize each graph
+    the variants need -> validate the new variants -> manifest (with a size report) -> rename into
+    place. The input is never written to. Methods as `pgexport.quantize.artifact.METHODS`
+    ("int8", "int8-static", "q4", "fp16"); `graphs` per graph as in `export_onnx`.
+    """
+    from pgexport.validate import reference_outputs, validate as run_gate
+
+    artifact, output = Path(artifact), Path(output)
+    quantize = (quantize or QuantizeOptions()).check()
+    variants = plan_variants(list(methods), graphs)
+    if not variants:
+        raise BadInputError("nothing to quantize: give --method or a per-graph precision (--vision, --decoder, --embed)")
+    source_manifest = read_manifest(artifact)
+    for graph in GRAPHS:
+        if not graph_path(artifact, graph, "fp32").is_file():
+            raise BadInputError(f"{artifact}: missing the fp32 graph onnx/{graph}.onnx")
+    if output.resolve() == artifact.resolve():
+        raise BadInputError(f"{output}: the output is the input artifact; choose another folder")
+    _check_sources(artifact, variants)
+    dtypes = list(dict.fromkeys([*source_manifest.get("dtypes", ["fp32"]), *variants]))
+    started = time.perf_counter()
+    with staging_folder(output, force) as staging, stages(4 + validate, progress) as advance:
+        advance("linking the input artifact")
+        for path in sorted(artifact.rglob("*")):
+            if path.is_file() and path.name != MANIFEST:
+                _link_or_copy(path, staging / path.relative_to(artifact))
+        reference_run = evaluate = None
+        if validate:
+            advance("running the PyTorch reference")
+            checkpoint = load_checkpoint(reference or source_manifest["source"]["checkpoint"], allow_pickle=allow_pickle)
+            reference_run = reference_outputs(
+                checkpoint.model, checkpoint.processor, eval_rows=eval_rows_for(checkpoint, eval_file)
+            )
+            del checkpoint
+            evaluate = _tuning_metric(staging, reference_run)
+        advance(f"quantizing ({', '.join(variants)})")
+        made = quantize_variants(staging, variants, quantize, progress=progress, evaluate=evaluate)
+        fields = {key: value for key, value in source_manifest.items()
+                  if key not in ("versions", "files", "parity", "export_seconds")}
+        fields.update(
+            dtypes=dtypes,
+            default_dtype=dtypes[-1],
+            variants={**source_manifest.get("variants", {}), **variants},
+            quantization={**source_manifest.get("quantization", {}), **made},
+            quantize_options={"methods": list(methods), "graphs": graphs or {}, **quantize.__dict__},
+            quantized_from={"artifact": str(artifact), "sha256_manifest": _manifest_hash(artifact)},
+            sizes=size_report(staging, {**source_manifest.get("variants", {}), **variants}),
+        )
+        write_manifest(staging, **fields, parity=None)
+        parity = None
+        if validate:
+            advance("validating against PyTorch")
+            parity = run_gate(staging, reference_run, list(variants))
+        advance("writing manifest")
+        fields["quantize_seconds"] = round(time.perf_counter() - started, 2)
+        manifest = write_manifest(staging, **fields, parity=parity)
+    _raise_if_failed(parity)
+    return manifest
+
+
+def _check_sources(artifact: Path, variants: dict) -> None:
+    """Fail before any work when a graph to quantize is not a float graph (int4 on an int8 graph,
+    say): reads each graph's structure only, not its weights."""
+    from pgexport.quantize.int8 import _load
+
+    for graph in sorted({graph for graphs in variants.values() for graph in graphs}):
+        _load(graph_path(artifact, graph, "fp32"))
+
+
+def _manifest_hash(artifact: Path) -> str:
+    from pgexport.manifest import sha256_file
+
+    return sha256_file(artifact / MANIFEST)
+
+
+def _tuning_metric(folder: Path, reference):
+    """The metric accuracy-aware tuning keeps: greedy token agreement with the PyTorch reference
+    of the artifact whose `graph` is swapped for a candidate file (the other graphs fp32)."""
+
+    def evaluate(graph: str, candidate: Path) -> float:
+        from pgexport.runtime import OnnxPaliGemma
+        from pgexport.validate import PARITY_NEW_TOKENS, _agreement
+
+        runtime = OnnxPaliGemma(folder, dtype="fp32")
+        import onnxruntime as ort
+
+        runtime.sessions[graph] = ort.InferenceSession(str(candidate), providers=["CPUExecutionProvider"])
+        tokens, _ = runtime.generate_ids(**reference.inputs, max_new_tokens=PARITY_NEW_TOKENS, stop_at_eos=False)
+        return _agreement(reference.tokens, tokens)
+
+    return evaluate

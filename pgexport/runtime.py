@@ -15,7 +15,7 @@ from pgexport.errors import BadInputError
 
 GRAPHS = ("vision_encoder", "embed_tokens", "decoder_model_merged")
 # transformers.js file-name suffix of each precision (see paligemma-facts.md).
-DTYPE_SUFFIX = {"fp32": "", "int8": "_int8", "fp16": "_fp16", "q4": "_q4"}
+DTYPE_SUFFIX = {"fp32": "", "fp16": "_fp16", "int8": "_int8", "int8-static": "_int8_static", "q4": "_q4"}
 _ORT_FLOAT = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 
@@ -59,11 +59,13 @@ def prepare_inputs(processor, images: list[Image.Image], prompts: list[str]) -> 
 class OnnxPaliGemma:
     """An artifact folder loaded into ONNX Runtime sessions.
 
-    `dtype` picks the graph variant per graph ("fp32", "int8", ...); a graph with no file of that
-    precision (the embedding table in an int8 artifact, say) falls back to fp32.
+    `dtype` picks the variant: a name the manifest maps per graph (its "variants", e.g. "q4" ->
+    int8 vision, q4 decoder and table), a precision for every graph ("fp32", "int8", ...), or such
+    a map itself ({"decoder_model_merged": "q4", ...}, transformers.js's per-graph dtype). A graph
+    with no file of its precision (the embedding table of an --int8 artifact, say) runs in fp32.
     """
 
-    def __init__(self, folder: str | Path, dtype: str | None = None, providers: list[str] | None = None, threads: int = 0):
+    def __init__(self, folder: str | Path, dtype: str | dict | None = None, providers: list[str] | None = None, threads: int = 0):
         from transformers import AutoProcessor
 
         self.folder = Path(folder)
@@ -71,9 +73,18 @@ class OnnxPaliGemma:
         if not manifest_path.is_file() or not (self.folder / "onnx").is_dir():
             raise BadInputError(f"{folder}: not a pgexport ONNX artifact (no manifest.json or onnx/)")
         self.manifest = json.loads(manifest_path.read_text())
-        self.dtype = dtype or self.manifest.get("default_dtype", "fp32")
-        if self.dtype not in DTYPE_SUFFIX:
-            raise BadInputError(f"unknown dtype {self.dtype!r}: choose from {', '.join(DTYPE_SUFFIX)}")
+        dtype = dtype or self.manifest.get("default_dtype", "fp32")
+        variants = self.manifest.get("variants", {})
+        if isinstance(dtype, dict):
+            self.dtype, graph_dtypes = "custom", dict(dtype)
+        elif dtype in variants:
+            self.dtype, graph_dtypes = dtype, dict(variants[dtype])
+        else:
+            self.dtype, graph_dtypes = dtype, {graph: dtype for graph in GRAPHS}
+        for graph, precision in graph_dtypes.items():
+            if precision not in DTYPE_SUFFIX or graph not in GRAPHS:
+                choices = ", ".join(list(DTYPE_SUFFIX) + [v for v in variants if v not in DTYPE_SUFFIX])
+                raise BadInputError(f"unknown dtype {precision!r} for {graph}: choose from {choices}")
         self.config = json.loads((self.folder / "config.json").read_text())
         self.processor = AutoProcessor.from_pretrained(self.folder)
         self.image_token_id = self.config["image_token_index"]
@@ -82,24 +93,27 @@ class OnnxPaliGemma:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         providers = providers or ["CPUExecutionProvider"]
-        self.sessions = {}
+        self.sessions, self.graph_dtypes = {}, {}
         for graph in GRAPHS:
-            path = graph_path(self.folder, graph, self.dtype)
+            precision = graph_dtypes.get(graph, "fp32")
+            path = graph_path(self.folder, graph, precision)
             if not path.is_file():
-                path = graph_path(self.folder, graph, "fp32")
+                precision, path = "fp32", graph_path(self.folder, graph, "fp32")
             if not path.is_file():
                 raise BadInputError(f"{folder}: missing {path.relative_to(self.folder)}")
             self.sessions[graph] = ort.InferenceSession(str(path), options, providers=providers)
+            self.graph_dtypes[graph] = precision
         decoder = self.sessions["decoder_model_merged"]
         self.past_inputs = [i for i in decoder.get_inputs() if i.name.startswith("past_key_values.")]
-        self.float_type = _ORT_FLOAT[decoder.get_inputs()[0].type]
+        self.float_type = _ORT_FLOAT[decoder.get_inputs()[0].type]  # the decoder's: embeddings and KV cache
+        self.pixel_type = _ORT_FLOAT[self.sessions["vision_encoder"].get_inputs()[0].type]
 
     def preprocess(self, images: list[Image.Image], prompts: list[str]) -> dict[str, np.ndarray]:
         return prepare_inputs(self.processor, images, prompts)
 
     def prefill_embeds(self, input_ids: np.ndarray, pixel_values: np.ndarray) -> np.ndarray:
         """Token embeddings with the image features written into the `<image>` slots."""
-        features = self.sessions["vision_encoder"].run(None, {"pixel_values": pixel_values.astype(self.float_type)})[0]
+        features = self.sessions["vision_encoder"].run(None, {"pixel_values": pixel_values.astype(self.pixel_type)})[0]
         slots = input_ids == self.image_token_id
         embeds = self.sessions["embed_tokens"].run(None, {"input_ids": np.where(slots, 0, input_ids)})[0]
         if slots.sum() != features.shape[0] * features.shape[1]:

@@ -36,7 +36,13 @@ class Thresholds:
 
 THRESHOLDS = {
     "fp32": Thresholds(max_rel_diff=1e-4, min_cosine=0.99999, min_token_agreement=1.0, max_exact_match_drop=0.0),
+    "fp16": Thresholds(max_rel_diff=None, min_cosine=0.999, min_token_agreement=0.75, max_exact_match_drop=1.0),
     "int8": Thresholds(max_rel_diff=None, min_cosine=0.99, min_token_agreement=0.5, max_exact_match_drop=2.0),
+    "int8-static": Thresholds(max_rel_diff=None, min_cosine=0.99, min_token_agreement=0.5, max_exact_match_drop=2.0),
+    # 4-bit weights move logits visibly: on the demo model the worst prefill position (an image
+    # token, whose logits nothing reads) has cosine 0.88 while greedy tokens stay identical and
+    # exact match holds; greedy agreement and the exact-match drop (the 3 points) decide.
+    "q4": Thresholds(max_rel_diff=None, min_cosine=0.8, min_token_agreement=0.5, max_exact_match_drop=3.0),
 }
 
 

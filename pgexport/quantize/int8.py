@@ -145,20 +145,46 @@ def quantize_dynamic_int8(
     _check_destination(src, dst, source_files)
 
     plan = _rewrite(model, op_types, per_channel)
+    external = write_model(
+        model, source, dst, external_data, lambda sink: _stream(model, plan, source, sink, per_channel, progress)
+    )
+    data_name = dst.name + ".data"
+
+    weight_before = sum(4 * w.shape[0] * w.shape[1] for w in plan.weights.values())
+    channels = sum(w.shape[1] if per_channel else 1 for w in plan.weights.values())
+    return {
+        "quantized": plan.quantized_nodes,
+        "quantized_weights": len(plan.weights),
+        "skipped": plan.skipped,
+        "bytes_before": _file_bytes(src, source_files),
+        "bytes_after": _file_bytes(dst, [dst.parent / data_name] if external else []),
+        "weight_bytes_before": weight_before,
+        "weight_bytes_after": weight_before // 4 + 5 * channels,  # int8 + float32 scale + int8 zero point
+        "external_data": data_name if external else None,
+        "per_channel": per_channel,
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+
+
+def write_model(model: onnx.ModelProto, source: _Source, dst: Path, external_data: bool | None, fill) -> bool:
+    """Write `model` at `dst` through a temporary folder; `fill(sink)` puts every tensor's data.
+
+    The rewritten graph's placeholders are filled by `fill`, which streams tensor data into the
+    sink (a data file); for a one-file output the .onnx is then assembled from it tensor by
+    tensor, so no mode holds the model in memory. Returns whether the output uses external data.
+    Shared by the int8, int4 and embedding quantizers.
+    """
     total = sum(_nbytes(t) for t in _all_tensors(model.graph))
     external = total > EXTERNAL_DATA_THRESHOLD if external_data is None else bool(external_data)
     if not external and total > (2 << 30) - (64 << 20):
         raise QuantizeInputError(f"{dst}: {total / 2**30:.2f} GiB of tensors do not fit one .onnx file: use external data")
-
     dst.parent.mkdir(parents=True, exist_ok=True)
     data_name = dst.name + ".data"
     work = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent))
     try:
-        # Tensor data always streams to a data file first; for a one-file output the .onnx is then
-        # assembled from it tensor by tensor (_write_inline), so no mode holds the model in memory.
         try:
             with open(work / data_name, "wb") as data:
-                _stream(model, plan, source, _Sink(data, data_name), per_channel, progress)
+                fill(_Sink(data, data_name))
                 if external:
                     data.flush()
                     os.fsync(data.fileno())
@@ -176,21 +202,7 @@ def quantize_dynamic_int8(
     finally:
         source.close()
         shutil.rmtree(work, ignore_errors=True)
-
-    weight_before = sum(4 * w.shape[0] * w.shape[1] for w in plan.weights.values())
-    channels = sum(w.shape[1] if per_channel else 1 for w in plan.weights.values())
-    return {
-        "quantized": plan.quantized_nodes,
-        "quantized_weights": len(plan.weights),
-        "skipped": plan.skipped,
-        "bytes_before": _file_bytes(src, source_files),
-        "bytes_after": _file_bytes(dst, [dst.parent / data_name] if external else []),
-        "weight_bytes_before": weight_before,
-        "weight_bytes_after": weight_before // 4 + 5 * channels,  # int8 + float32 scale + int8 zero point
-        "external_data": data_name if external else None,
-        "per_channel": per_channel,
-        "seconds": round(time.perf_counter() - started, 3),
-    }
+    return external
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,177 @@
+"""The quantization stage over a whole artifact: which precision each graph gets, the graph files
+that makes, and what they weigh.
+
+A *variant* is one precision per graph, e.g. {"vision_encoder": "int8", "embed_tokens": "q4",
+"decoder_model_merged": "q4"}; its files are `onnx/<graph><suffix>.onnx` (runtime.DTYPE_SUFFIX,
+transformers.js naming), each made once from the fp32 graph of the same artifact by
+`quantize_graph`, whatever the number of variants that use it. A variant is named after its
+lowest precision (PRECISION_ORDER), which also picks its parity thresholds (validate.THRESHOLDS);
+the manifest records each variant's per-graph map under "variants" and the runtime loads it
+from there (transformers.js takes the same map as its per-graph `dtype`).
+
+Methods per precision: int8 = dynamic int8 (pgexport/quantize/int8.py) for MatMul graphs and an
+8-bit GatherBlockQuantized table (embed.py) for the embedding; int8-static = calibrated QDQ int8
+(static.py, helper "static"); q4 = 4-bit MatMulNBits, rtn or hqq (int4.py), 4-bit
+GatherBlockQuantized for the table; fp16 = fp16.py.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from pgexport.errors import BadInputError, UnsupportedError
+from pgexport.runtime import DTYPE_SUFFIX, GRAPHS, graph_path
+
+# CLI option -> graph
+GRAPH_OPTIONS = {"vision": "vision_encoder", "embed": "embed_tokens", "decoder": "decoder_model_merged"}
+PRECISION_ORDER = ("fp32", "fp16", "int8", "int8-static", "q4")  # a variant is named after its last
+ALLOWED = {
+    "vision_encoder": ("fp32", "fp16", "int8", "int8-static", "q4"),
+    "embed_tokens": ("fp32", "fp16", "int8", "q4"),  # a Gather: nothing to calibrate
+    "decoder_model_merged": ("fp32", "fp16", "int8", "int8-static", "q4"),
+}
+# What a whole-artifact method means per graph. int8 leaves the table in fp32 (the --int8 of
+# the first release; --embed int8 adds it), q4 and fp16 take every graph.
+METHODS = {
+    "int8": {"vision_encoder": "int8", "decoder_model_merged": "int8"},
+    "int8-static": {"vision_encoder": "int8-static", "decoder_model_merged": "int8-static"},
+    "q4": {graph: "q4" for graph in GRAPHS},
+    "fp16": {graph: "fp16" for graph in GRAPHS},
+}
+INT4_METHODS = ("rtn", "hqq")
+
+
+@dataclass(frozen=True)
+class QuantizeOptions:
+    """How graphs are quantized (recorded in the manifest)."""
+
+    int4_method: str = "rtn"  # rtn | hqq
+    block_size: int = 32  # MatMulNBits / GatherBlockQuantized block, along K / the hidden axis
+    accuracy_level: int | None = None  # MatMulNBits accuracy_level (4: int8 compute on CPU)
+    calibration: str | None = None  # int8-static: folder or JSONL of images + prompts (None: demo samples)
+    accuracy_target: float | None = None  # int8-static: accuracy-aware tuning to this share of fp32's metric
+
+    def check(self) -> QuantizeOptions:
+        if self.int4_method not in INT4_METHODS:
+            raise BadInputError(f"unknown int4 method {self.int4_method!r}: choose from {', '.join(INT4_METHODS)}")
+        if self.block_size < 16 or self.block_size & (self.block_size - 1):
+            raise BadInputError(f"block size {self.block_size}: must be a power of two, 16 or more")
+        if self.accuracy_target is not None and not 0 < self.accuracy_target <= 1:
+            raise BadInputError(f"accuracy target {self.accuracy_target}: a share of the fp32 metric, in (0, 1]")
+        return self
+
+
+def variant_name(graphs: dict[str, str]) -> str:
+    return max(graphs.values(), key=PRECISION_ORDER.index, default="fp32")
+
+
+def plan_variants(methods=(), overrides: dict[str, str | None] | None = None) -> dict[str, dict[str, str]]:
+    """Variants to make: one per whole-artifact method, the per-graph overrides applied to each (or,
+    with no method, one variant of the overrides alone). Returns {name: {graph: precision}},
+    fp32 graphs left out. Unknown names raise BadInputError listing the allowed ones."""
+    overrides = {key: value for key, value in (overrides or {}).items() if value}
+    for key, precision in overrides.items():
+        graph = GRAPH_OPTIONS.get(key, key)
+        if graph not in ALLOWED:
+            raise BadInputError(f"unknown graph {key!r}: choose from {', '.join(GRAPH_OPTIONS)}")
+        if precision not in ALLOWED[graph]:
+            raise BadInputError(f"--{key} {precision!r}: choose from {', '.join(ALLOWED[graph])}")
+    for method in methods:
+        if method not in METHODS:
+            raise BadInputError(f"unknown method {method!r}: choose from {', '.join(METHODS)}")
+    bases = [METHODS[m] for m in methods] or ([{}] if overrides else [])
+    variants = {}
+    for base in bases:
+        graphs = {**base, **{GRAPH_OPTIONS.get(k, k): v for k, v in overrides.items()}}
+        graphs = {g: graphs[g] for g in GRAPHS if graphs.get(g, "fp32") != "fp32"}
+        if not graphs:
+            continue
+        name = variant_name(graphs)
+        if name in variants and variants[name] != graphs:
+            raise BadInputError(f"two variants named {name!r} ({variants[name]} and {graphs}): make them in two runs")
+        variants[name] = graphs
+    return variants
+
+
+def _need(module: str, what: str):
+    if importlib.util.find_spec(f"pgexport.quantize.{module}") is None:
+        raise UnsupportedError(f"{what} is not available yet (pgexport/quantize/{module}.py)")
+    return importlib.import_module(f"pgexport.quantize.{module}")
+
+
+def quantize_graph(folder: Path, graph: str, precision: str, options: QuantizeOptions, *, progress: bool = True,
+                   evaluate=None) -> dict:
+    """Make `onnx/<graph><suffix>.onnx` of `folder` from its fp32 graph; returns the method's info."""
+    src, dst = graph_path(folder, graph, "fp32"), graph_path(folder, graph, precision)
+    if graph == "embed_tokens" and precision in ("int8", "q4"):
+        from pgexport.quantize.embed import quantize_embedding
+
+        bits = 8 if precision == "int8" else 4
+        return {"method": f"GatherBlockQuantized {bits}-bit",
+                **quantize_embedding(src, dst, bits=bits, block_size=options.block_size, progress=progress)}
+    if precision == "int8":
+        from pgexport.quantize.int8 import quantize_dynamic_int8
+
+        return {"method": "dynamic int8", **quantize_dynamic_int8(src, dst, progress=progress)}
+    if precision == "q4":
+        from pgexport.quantize.int4 import quantize_int4
+
+        return {"method": f"MatMulNBits 4-bit {options.int4_method}",
+                **quantize_int4(src, dst, method=options.int4_method, block_size=options.block_size,
+                                accuracy_level=options.accuracy_level, progress=progress)}
+    if precision == "fp16":
+        fp16 = _need("fp16", "fp16")
+        return {"method": "fp16 with fp32 islands", **fp16.convert_fp16(folder, graph, src, dst, progress=progress)}
+    if precision == "int8-static":
+        calibration = _need("calibration", "int8-static (calibration data)")
+        feeds = calibration.calibration_feeds(folder, graph, options.calibration)
+        if options.accuracy_target is not None:
+            tune = _need("tune", "accuracy-aware tuning")
+            if evaluate is None:
+                raise UnsupportedError("accuracy-aware tuning needs the reference model's metric (run with validation on)")
+            return {"method": "static int8 (tuned)", **tune.tune_static_int8(
+                src, dst, feeds, lambda path: evaluate(graph, path), options.accuracy_target, progress=progress)}
+        static = _need("static", "int8-static")
+        return {"method": "static int8", **static.quantize_static_int8(src, dst, feeds, progress=progress)}
+    raise UnsupportedError(f"no {precision} method for {graph}")
+
+
+def quantize_variants(folder: Path, variants: dict[str, dict[str, str]], options: QuantizeOptions, *,
+                      progress: bool = True, evaluate=None) -> dict:
+    """Make every graph file the variants need, each once, in `folder`; returns {"graph/precision": info}."""
+    made = {}
+    for graphs in variants.values():
+        for graph, precision in graphs.items():
+            key = f"{graph}/{precision}"
+            if key not in made:
+                made[key] = quantize_graph(folder, graph, precision, options, progress=progress, evaluate=evaluate)
+    return made
+
+
+def graph_bytes(folder: Path, graph: str, precision: str) -> int:
+    """The .onnx plus its external data file."""
+    path = graph_path(folder, graph, precision)
+    data = path.with_name(path.name + ".data")
+    return path.stat().st_size + (data.stat().st_size if data.is_file() else 0)
+
+
+def size_report(folder: Path, variants: dict[str, dict[str, str]]) -> dict:
+    """Bytes per graph and in total for fp32 and each variant, and each total's ratio to fp32."""
+    fp32 = {graph: graph_bytes(folder, graph, "fp32") for graph in GRAPHS}
+    report = {"fp32": {"graphs": fp32, "total": sum(fp32.values()), "ratio": 1.0}}
+    for name, graphs in variants.items():
+        sizes = {graph: graph_bytes(folder, graph, graphs.get(graph, "fp32")) for graph in GRAPHS}
+        total = sum(sizes.values())
+        report[name] = {"graphs": sizes, "precisions": {g: graphs.get(g, "fp32") for g in GRAPHS},
+                        "total": total, "ratio": round(total / report["fp32"]["total"], 4)}
+    return report
+
+
+def options_record(options: QuantizeOptions) -> dict:
+    return asdict(options)
+
+
+__all__ = ["ALLOWED", "DTYPE_SUFFIX", "GRAPH_OPTIONS", "METHODS", "QuantizeOptions", "plan_variants",
+           "quantize_graph", "quantize_variants", "size_report", "variant_name"]

@@ -1,0 +1,322 @@
+"""int4 weight-only quantization: MatMul(X, W) -> com.microsoft MatMulNBits, one weight at a time.
+
+`quantize_int4(src, dst, method="rtn" | "hqq", block_size=32)` writes the graph onnxruntime's
+`MatMulNBitsQuantizer` writes (onnxruntime/quantization/matmul_nbits_quantizer.py), QOperator
+format: each MatMul whose weight W [K, N] is a constant 2-D float32 initializer becomes
+
+    Y = MatMulNBits(X, W_Q4 uint8 [N, k_blocks, block_size / 2], W_scales, W_zero_points)
+        (K, N, bits=4, block_size; dequantized weight = (q - zero_point) * scale, per block of
+        `block_size` rows of W, i.e. along K)
+
+- "rtn" (round to nearest): onnxruntime's own C++ kernel (`quantize_matmul_4bits`, the one its
+  DefaultWeightOnlyQuantizer calls), asymmetric by default (uint8 zero points, two per byte,
+  scales [N, k_blocks]); `symmetric=True` drops the zero points (implicit 8).
+- "hqq" (half-quadratic quantization, data-free but error-aware: it fits each block's zero point
+  to minimise an lp-norm (p = 0.7) of the weight's reconstruction error by a proximal solver):
+  onnxruntime's `HQQWeightOnlyQuantizer.quantize_internal` (torch), float zero points,
+  scales and zero points flattened to [N * k_blocks], as onnxruntime writes them.
+
+Why not call `MatMulNBitsQuantizer` itself: it loads the whole model (10 GB for the 3B decoder)
+and keeps quantized copies beside it. Here, as for int8 (pgexport/quantize/int8.py, whose
+reader/writer this module shares), the graph is loaded without its weights and each weight is
+read in chunks of whole blocks along K (an even number of them, so packed zero points never
+straddle two chunks), quantized and written out; only the weight's packed output (1/8 of its
+fp32 size, plus scales) is held until it is written. Chunks give the same bytes as onnxruntime
+for rtn; for hqq the solver's early stop is decided per chunk rather than per tensor (the one
+difference: a tensor of one chunk, the usual case below 32 MB, comes out identical).
+
+Left alone, and listed in the result's "skipped": MatMuls whose weight is not a constant 2-D
+float32 initializer (attention's activation x activation MatMuls), subgraphs, Gemm (torch.onnx
+exports nn.Linear on 3-D inputs as MatMul, which is what PaliGemma's graphs hold). A weight
+that something other than a quantized MatMul uses too stays in fp32 for that consumer.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from pgexport.quantize.int8 import (
+    CHUNK_BYTES,
+    QuantizeInputError,
+    _all_names,
+    _all_nodes,
+    _copy,
+    _copy_through,
+    _file_bytes,
+    _load,
+    _Names,
+    _Source,
+    _subgraphs,
+    _all_tensors,
+    _check_destination,
+    write_model,
+)
+
+METHODS = ("rtn", "hqq")
+BITS = 4
+
+
+@dataclass
+class _Weight:
+    source: TensorProto
+    q_name: str
+    scale_name: str
+    zp_name: str | None
+    k: int
+    n: int
+
+
+@dataclass
+class _Plan:
+    weights: dict[str, _Weight] = field(default_factory=dict)  # by q_name
+    quantized_nodes: int = 0
+    skipped: list[dict] = field(default_factory=list)
+
+
+def check_block_size(block_size: int) -> int:
+    """MatMulNBits and GatherBlockQuantized take a power of two, 16 or more."""
+    if block_size < 16 or block_size & (block_size - 1):
+        raise QuantizeInputError(f"block size {block_size}: must be a power of two, 16 or more")
+    return block_size
+
+
+def quantize_int4(
+    src: Path,
+    dst: Path,
+    *,
+    method: str = "rtn",
+    block_size: int = 32,
+    symmetric: bool = False,
+    accuracy_level: int | None = None,
+    progress: bool = True,
+    external_data: bool | None = None,
+) -> dict:
+    """Quantize the MatMul weights of the fp32 ONNX model `src` to 4 bits at `dst` (see the module docstring).
+
+    accuracy_level: MatMulNBits' attribute (4 = int8 activations, onnxruntime's fast CPU path;
+    None leaves it out: fp32 compute). Returns stats like `quantize_dynamic_int8`'s: "quantized",
+    "quantized_weights", "skipped", "bytes_before", "bytes_after", "weight_bytes_before",
+    "weight_bytes_after", "method", "block_size", "external_data", "seconds".
+    """
+    started = time.perf_counter()
+    if method not in METHODS:
+        raise QuantizeInputError(f"int4 method {method!r}: choose from {', '.join(METHODS)}")
+    if method == "hqq" and symmetric:
+        raise QuantizeInputError("hqq fits zero points: it has no symmetric form")
+    check_block_size(block_size)
+    src, dst = Path(src), Path(dst)
+    model = _load(src)
+    source = _Source(src.parent)
+    source_files = source.check_all(model, src)
+    _check_destination(src, dst, source_files)
+    plan = _rewrite(model, block_size, method, symmetric, accuracy_level)
+    quantize = _hqq if method == "hqq" else _rtn(symmetric)
+    external = write_model(model, source, dst, external_data,
+                           lambda sink: _stream(model, plan, source, sink, quantize, block_size, progress))
+    weight_before = sum(4 * w.k * w.n for w in plan.weights.values())
+    weight_after = 0
+    for w in plan.weights.values():
+        blocks = -(-w.k // block_size)
+        weight_after += w.n * blocks * (block_size // 2 + 4)
+        if w.zp_name:
+            weight_after += w.n * (blocks * 4 if method == "hqq" else (blocks + 1) // 2)
+    return {
+        "quantized": plan.quantized_nodes,
+        "quantized_weights": len(plan.weights),
+        "skipped": plan.skipped,
+        "bytes_before": _file_bytes(src, source_files),
+        "bytes_after": _file_bytes(dst, [dst.parent / (dst.name + ".data")] if external else []),
+        "weight_bytes_before": weight_before,
+        "weight_bytes_after": weight_after,
+        "method": method,
+        "block_size": block_size,
+        "symmetric": symmetric,
+        "accuracy_level": accuracy_level,
+        "external_data": dst.name + ".data" if external else None,
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+
+
+def _why_not(node, initializers, graph_inputs) -> str | None:
+    a, b = node.input[0], node.input[1]
+    if b not in initializers:
+        return "weight (input B) is not a constant initializer"
+    if b in graph_inputs:
+        return "weight (input B) is also a graph input"
+    if a in initializers:
+        return "input A is a constant initializer too"
+    weight = initializers[b]
+    if weight.data_type != TensorProto.FLOAT:
+        return f"weight is {TensorProto.DataType.Name(weight.data_type)}, not FLOAT"
+    if len(weight.dims) != 2:
+        return f"weight is {len(weight.dims)}-D, not 2-D"
+    return None
+
+
+def _rewrite(model: onnx.ModelProto, block_size: int, method: str, symmetric: bool, accuracy_level) -> _Plan:
+    """Replace quantizable MatMuls of the main graph by MatMulNBits; placeholders for their weights."""
+    graph = model.graph
+    plan = _Plan()
+    fresh = _Names(_all_names(graph))
+    initializers = {t.name: t for t in graph.initializer}
+    graph_inputs = {v.name for v in graph.input}
+    by_source: dict[str, _Weight] = {}
+    nodes = []
+    for node in graph.node:
+        for sub in _subgraphs(node):
+            for inner in _all_nodes(sub):
+                if inner.op_type == "MatMul":
+                    plan.skipped.append({"node": inner.name, "op_type": inner.op_type,
+                                         "reason": f"inside a subgraph of {node.op_type} {node.name!r}"})
+        if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx"):
+            if node.op_type == "Gemm":
+                plan.skipped.append({"node": node.name, "op_type": "Gemm", "reason": "Gemm is not quantized to 4 bits"})
+            nodes.append(node)
+            continue
+        reason = _why_not(node, initializers, graph_inputs)
+        if reason:
+            plan.skipped.append({"node": node.name, "op_type": node.op_type, "reason": reason})
+            nodes.append(node)
+            continue
+        b = node.input[1]
+        weight = by_source.get(b)
+        if weight is None:
+            k, n = (int(d) for d in initializers[b].dims)
+            zp = None if symmetric else fresh(b + "_zero_points")
+            weight = _Weight(initializers[b], fresh(b + f"_Q{BITS}"), fresh(b + "_scales"), zp, k, n)
+            by_source[b] = plan.weights.setdefault(weight.q_name, weight)
+        inputs = [node.input[0], weight.q_name, weight.scale_name] + ([weight.zp_name] if weight.zp_name else [])
+        attributes = dict(K=weight.k, N=weight.n, bits=BITS, block_size=block_size)
+        if accuracy_level is not None:
+            attributes["accuracy_level"] = accuracy_level
+        nodes.append(helper.make_node("MatMulNBits", inputs, [node.output[0]],
+                                      node.name + f"_Q{BITS}" if node.name else "", domain="com.microsoft", **attributes))
+        plan.quantized_nodes += 1
+    kept = [_copy(n) for n in nodes]
+    graph.ClearField("node")
+    graph.node.extend(kept)
+    if plan.quantized_nodes and not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+
+    used = {o.name for o in graph.output}
+    for node in _all_nodes(graph):
+        used.update(node.input)
+    for index in reversed(range(len(graph.initializer))):
+        tensor = graph.initializer[index]
+        weight = by_source.get(tensor.name)
+        if weight is None:
+            continue
+        if tensor.name in used:
+            weight.source = _copy(tensor)  # kept for another consumer: streaming rewrites its fields
+        else:
+            del graph.initializer[index]  # in place: the _Weight keeps a valid reference
+    for w in plan.weights.values():  # placeholders, filled by _stream
+        blocks = -(-w.k // block_size)
+        graph.initializer.add(name=w.q_name, data_type=TensorProto.UINT8, dims=[w.n, blocks, block_size // 2])
+        if method == "hqq":
+            graph.initializer.add(name=w.scale_name, data_type=TensorProto.FLOAT, dims=[w.n * blocks])
+            graph.initializer.add(name=w.zp_name, data_type=TensorProto.FLOAT, dims=[w.n * blocks])
+        else:
+            graph.initializer.add(name=w.scale_name, data_type=TensorProto.FLOAT, dims=[w.n, blocks])
+            if w.zp_name:
+                graph.initializer.add(name=w.zp_name, data_type=TensorProto.UINT8, dims=[w.n, (blocks + 1) // 2])
+    return plan
+
+
+# ---------------------------------------------------------------------------------------------
+# per-chunk quantizers: float32 [rows, N] (rows a whole number of blocks but in the last chunk,
+# which each pads with zeros as onnxruntime does) -> packed [N, blocks, bs/2],
+# scales [N, blocks], zero points (rtn: uint8 [N, ceil(blocks / 2)]; hqq: float32 [N, blocks])
+
+
+def _rtn(symmetric: bool):
+    def quantize(chunk: np.ndarray, block_size: int):
+        from onnxruntime.capi._pybind_state import quantize_matmul_4bits
+
+        rows, cols = chunk.shape  # rows: K's, unpadded (the kernel is told the true count, as onnxruntime does)
+        blocks = -(-rows // block_size)
+        if rows % block_size:
+            chunk = np.pad(chunk, ((0, blocks * block_size - rows), (0, 0)))
+        packed = np.zeros((cols, blocks, block_size // 2), np.uint8)
+        scales = np.zeros((cols, blocks), np.float32)
+        zero_points = np.zeros((cols, (blocks + 1) // 2), np.uint8)
+        quantize_matmul_4bits(packed, np.ascontiguousarray(chunk), scales, zero_points, block_size, cols, rows, symmetric)
+        return packed, scales, None if symmetric else zero_points
+
+    return quantize
+
+
+def _hqq(chunk: np.ndarray, block_size: int):
+    import torch
+    from onnxruntime.quantization.matmul_nbits_quantizer import HQQWeightOnlyQuantConfig, HQQWeightOnlyQuantizer
+
+    quantizer = HQQWeightOnlyQuantizer(HQQWeightOnlyQuantConfig(block_size=block_size, bits=BITS))
+    q, scales, zero = quantizer.quantize_internal(torch.from_numpy(np.array(chunk)).T, bits=BITS, group_size=block_size)
+    q = q.to(torch.uint8).numpy()  # [N, rows], values 0..15
+    packed = (q[:, 0::2] | (q[:, 1::2] << 4)).reshape(q.shape[0], -1, block_size // 2)
+    return packed, scales.numpy(), zero.numpy()
+
+
+def _quantize(weight: _Weight, source: _Source, sink, placeholders: dict, quantize, block_size: int) -> None:
+    k, n = weight.k, weight.n
+    blocks = -(-k // block_size)
+    packed = np.empty((n, blocks, block_size // 2), np.uint8)
+    scales = zero_points = None
+    step = max(2, CHUNK_BYTES // (4 * n * block_size) // 2 * 2) * block_size  # rows: an even number of blocks
+    for r0, chunk in source.rows(weight.source, max_bytes=4 * n * step):
+        p, s, z = quantize(chunk, block_size)
+        b0, nb = r0 // block_size, p.shape[1]
+        if scales is None:
+            scales = np.empty((n, blocks), s.dtype)
+            if z is not None:
+                zero_points = np.empty((n, (blocks + 1) // 2 if z.dtype == np.uint8 else blocks), z.dtype)
+        packed[:, b0 : b0 + nb] = p
+        scales[:, b0 : b0 + nb] = s
+        if z is not None:
+            if z.dtype == np.uint8:
+                zero_points[:, b0 // 2 : b0 // 2 + z.shape[1]] = z
+            else:
+                zero_points[:, b0 : b0 + nb] = z
+    sink.put(placeholders[weight.q_name], [packed], packed.nbytes)
+    for name, value in ((weight.scale_name, scales), (weight.zp_name, zero_points)):
+        if name is None:
+            continue
+        tensor = placeholders[name]
+        tensor.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(value).reshape(list(tensor.dims)), name))
+        _copy_through(tensor, source, sink)
+
+
+def _stream(model, plan: _Plan, source: _Source, sink, quantize, block_size: int, progress: bool) -> None:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    graph = model.graph
+    by_name = {t.name: t for t in graph.initializer}
+    filled = {name for w in plan.weights.values() for name in (w.scale_name, w.zp_name) if name}
+    others = list(_all_tensors(graph, initializers=False))
+    bar = Progress(
+        TextColumn("int4 {task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=Console(stderr=True), disable=not progress, transient=False,
+    )
+    with bar:
+        task = bar.add_task("", total=len(graph.initializer) - len(filled) + len(others))
+        for tensor in graph.initializer:
+            if tensor.name in filled:
+                continue
+            bar.update(task, description=tensor.name[-48:])
+            weight = plan.weights.get(tensor.name)
+            if weight is not None:
+                _quantize(weight, source, sink, by_name, quantize, block_size)
+                weight.source = TensorProto()
+            else:
+                _copy_through(tensor, source, sink)
+            bar.advance(task)
+        for tensor in others:
+            _copy_through(tensor, source, sink)
+            bar.advance(task)
