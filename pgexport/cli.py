@@ -12,6 +12,7 @@ from rich.table import Table
 
 from pgexport import __version__
 from pgexport.errors import EXIT_INTERNAL, GateFailedError, PgExportError
+from pgexport.quantize.cli import options_from, print_sizes, quantize_options
 
 console = Console()
 
@@ -77,25 +78,36 @@ def main():
 @click.argument("model", required=False)
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("out"), show_default=True, help="Artifact folder to create.")
 @click.option("--int8", is_flag=True, help="Also write dynamic int8 vision and decoder graphs (onnxruntime), validated too.")
+@click.option("--int4", is_flag=True, help="Also write a q4 variant: 4-bit MatMulNBits graphs and a 4-bit token table, validated too.")
+@click.option("--fp16", is_flag=True, help="Also write an fp16 variant (fp32 islands where Gemma overflows), validated too.")
+@quantize_options
 @click.option("--opset", type=int, default=18, show_default=True, help="ONNX opset (18..23).")
 @click.option("--validate/--no-validate", default=True, show_default=True, help="Run the parity gate against PyTorch.")
 @click.option("--eval-file", type=click.Path(path_type=Path), help="JSONL of held-out rows for the exact-match check.")
 @click.option("--force", is_flag=True, help="Replace an existing output folder (only once the new one is complete).")
 @click.option("--allow-pickle", is_flag=True, help="Allow non-safetensors (pickle) weights. Never runs remote code.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON instead of a table.")
-def onnx_command(model, output, int8, opset, validate, eval_file, force, allow_pickle, as_json):
-    """Export MODEL to ONNX (vision_encoder, embed_tokens, decoder_model_merged) and validate it."""
+def onnx_command(model, output, int8, int4, fp16, vision, decoder, embed, int4_method, block_size, accuracy_level,
+                 calibration, accuracy_target, opset, validate, eval_file, force, allow_pickle, as_json):
+    """Export MODEL to ONNX (vision_encoder, embed_tokens, decoder_model_merged) and validate it.
+
+    --int8 / --int4 / --fp16 add quantized variants; --vision / --decoder / --embed set one graph's
+    precision on top of them (or alone make one mixed variant), e.g. --vision int8 --decoder q4 --embed q4.
+    """
     from pgexport.pipeline import export_onnx
 
     manifest = export_onnx(
-        model, output, int8=int8, opset=opset, validate=validate, eval_file=eval_file, force=force,
-        allow_pickle=allow_pickle, progress=not as_json,
+        model, output, int8=int8, int4=int4, fp16=fp16, graphs={"vision": vision, "decoder": decoder, "embed": embed},
+        quantize=options_from(int4_method, block_size, accuracy_level, calibration, accuracy_target),
+        opset=opset, validate=validate, eval_file=eval_file, force=force, allow_pickle=allow_pickle, progress=not as_json,
     )
     if as_json:
         click.echo(json.dumps(manifest, indent=2))
         return
     if manifest["parity"]:
         console.print(parity_table(manifest["parity"]))
+    if manifest.get("sizes"):
+        print_sizes(console, manifest["sizes"])
     total = sum(entry["bytes"] for entry in manifest["files"].values())
     console.print(f"wrote {output} ({len(manifest['files'])} files, {total / 1e6:.1f} MB)")
 
@@ -230,3 +242,7 @@ def bench_command(targets, device, dtypes, batches, resolutions, prompt_tokens, 
 
 if __name__ == "__main__":
     main()
+
+from pgexport.quantize.cli import quantize_command  # noqa: E402
+
+main.add_command(quantize_command)
