@@ -1,0 +1,320 @@
+"""The Core ML spine: checkpoint -> vision_encoder.mlpackage + stateful decoder.mlpackage, compressed,
+described, with the files an app needs beside them. Reads like its stage list (`to_coreml`)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import pgexport
+from pgexport.coreml import COMPRESSIONS, STATEFUL_TARGETS, TARGETS
+from pgexport.errors import BadInputError, GateFailedError, UnsupportedError, import_optional
+
+CONTEXT_AFTER_IMAGE = 512  # default --max-context: the image tokens plus this many prompt + answer tokens
+PACKAGES = ("vision_encoder", "decoder")
+FORMAT = "pgexport-coreml/1"
+LICENSE_NOTE = "Gemma weights are subject to the Gemma Terms of Use (https://ai.google.dev/gemma/terms)."
+
+
+def check_request(compress: str, target: str) -> None:
+    """Refuse an unknown compression or target, and a target without Core ML state, before any work."""
+    if compress not in COMPRESSIONS:
+        raise BadInputError(f"unknown compression {compress!r}: choose from {', '.join(COMPRESSIONS)}")
+    if target not in TARGETS:
+        raise BadInputError(f"unknown target {target!r}: choose from {', '.join(TARGETS)}")
+    if target not in STATEFUL_TARGETS:
+        raise UnsupportedError(
+            f"target {target} has no Core ML state: the decoder keeps its KV cache as state, which needs "
+            f"{' or '.join(STATEFUL_TARGETS)}"
+        )
+
+
+def check_context(config, max_context: int | None) -> int:
+    """The KV cache length: room for the image tokens plus at least one prompt and one answer token,
+    and no longer than the model's position table."""
+    text = config.text_config
+    image_tokens = text.num_image_tokens
+    limit = text.max_position_embeddings
+    context = max_context if max_context is not None else min(image_tokens + CONTEXT_AFTER_IMAGE, limit)
+    if context > limit:
+        raise BadInputError(f"--max-context {context} is longer than the model's {limit} positions")
+    if context < image_tokens + 2:
+        raise BadInputError(
+            f"--max-context {context} leaves no room after the {image_tokens} image tokens: give at least {image_tokens + 2}"
+        )
+    return context
+
+
+def read_config(model: str | Path | None, allow_pickle: bool):
+    """The checkpoint's config alone (seconds, no weights), so option checks come before loading."""
+    from transformers import AutoConfig
+
+    from pgexport.load import check_config, default_model
+
+    try:
+        config = AutoConfig.from_pretrained(str(model) if model is not None else default_model(), trust_remote_code=False)
+    except (OSError, ValueError, json.JSONDecodeError):
+        return None  # load_checkpoint reports what is wrong, with its exit code
+    check_config(config)
+    return config
+
+
+def package_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def convert_vision_encoder(model, image_processor, target: str):
+    """SigLIP + projector with the camera frame as input: an RGB ImageType whose scale and bias are
+    the processor's rescale + normalisation, so the app hands over a resized frame as is."""
+    import coremltools as ct
+
+    from pgexport.coreml.wrappers import VisionEncoder, pixel_normalisation
+
+    size = model.config.vision_config.image_size
+    scale, bias = pixel_normalisation(image_processor)
+    vision = VisionEncoder(model).eval()
+    with torch.no_grad():
+        traced = torch.jit.trace(vision, torch.zeros(1, 3, size, size, dtype=model.dtype))
+    return ct.convert(
+        traced,
+        inputs=[ct.ImageType("image", shape=(1, 3, size, size), scale=scale, bias=bias, color_layout=ct.colorlayout.RGB)],
+        outputs=[ct.TensorType("image_features", dtype=np.float16)],
+        minimum_deployment_target=getattr(ct.target, target),
+        compute_precision=ct.precision.FLOAT16,
+        convert_to="mlprogram",
+    )
+
+
+def convert_decoder(model, target: str, max_context: int):
+    """The stateful decoder: query length and cache end are ranges (see docs/coreml.md for why)."""
+    import coremltools as ct
+
+    from pgexport.coreml.wrappers import StatefulDecoder
+
+    text = model.config.text_config
+    image_tokens, hidden = text.num_image_tokens, text.hidden_size
+    decoder = StatefulDecoder(model, max_context).eval()
+    example_q = image_tokens + 3
+    example = (
+        torch.zeros(1, example_q, dtype=torch.int32),
+        torch.zeros(1, image_tokens, hidden, dtype=model.dtype),
+        torch.zeros(1, 1, example_q, example_q, dtype=model.dtype),
+    )
+    with torch.no_grad():
+        traced = torch.jit.trace(decoder, example)
+    query = ct.RangeDim(1, max_context, default=1, symbol="query_length")
+    end = ct.RangeDim(1, max_context, default=1, symbol="cache_end")
+    rows = ct.RangeDim(1, image_tokens, default=1, symbol="image_rows")
+    state = ct.TensorType(shape=decoder.state_shape, dtype=np.float16)
+    return ct.convert(
+        traced,
+        inputs=[
+            ct.TensorType("input_ids", shape=(1, query), dtype=np.int32),
+            ct.TensorType("image_features", shape=(1, rows, hidden), dtype=np.float16),
+            ct.TensorType("attention_mask", shape=(1, 1, query, end), dtype=np.float16),
+        ],
+        outputs=[ct.TensorType("logits", dtype=np.float16)],
+        states=[ct.StateType(wrapped_type=state, name="key_cache"), ct.StateType(wrapped_type=state, name="value_cache")],
+        minimum_deployment_target=getattr(ct.target, target),
+        compute_precision=ct.precision.FLOAT16,
+        convert_to="mlprogram",
+    )
+
+
+def compress_model(mlmodel, compress: str):
+    """Weight compression with coremltools.optimize (data-free): int8 per channel, int4 per block of
+    32 input channels (needs iOS18), or a 4-bit k-means palette per tensor."""
+    if compress == "none":
+        return mlmodel
+    from coremltools.optimize import coreml as cto
+
+    if compress == "palettize4":
+        config = cto.OpPalettizerConfig(mode="kmeans", nbits=4, granularity="per_tensor")
+        return cto.palettize_weights(mlmodel, cto.OptimizationConfig(global_config=config))
+    granularity = {"int8": dict(dtype="int8", granularity="per_channel"),
+                   "int4": dict(dtype="int4", granularity="per_block", block_size=32)}[compress]
+    config = cto.OpLinearQuantizerConfig(mode="linear_symmetric", **granularity)
+    return cto.linear_quantize_weights(mlmodel, cto.OptimizationConfig(global_config=config))
+
+
+DESCRIPTIONS = {
+    "vision_encoder": {
+        "short": "PaliGemma image encoder (SigLIP + projector): camera frame -> features for the <image> slots.",
+        "inputs": {"image": "RGB frame resized to the model's square size; SigLIP normalisation is applied inside."},
+        "outputs": {"image_features": "[1, image tokens, hidden]: pass to the decoder at prefill (unscaled, in order)."},
+    },
+    "decoder": {
+        "short": "PaliGemma decoder (Gemma) with its KV cache as Core ML state: prefill and decode in one function.",
+        "inputs": {
+            "input_ids": "[1, q] int32 token ids of this call (the prompt at prefill, the last token when decoding).",
+            "image_features": "[1, n, hidden] the vision encoder's output at prefill; any one row when decoding.",
+            "attention_mask": "[1, 1, q, end] additive: 0 attend, -1e4 blocked; end = tokens in the cache after this call.",
+        },
+        "outputs": {"logits": "[1, 1, vocab] next-token logits of the last query position."},
+    },
+}
+
+
+def describe(mlmodel, package: str, fields: dict) -> None:
+    """Descriptions, license and provenance on a package (shown in Xcode, read back by validate)."""
+    text = DESCRIPTIONS[package]
+    mlmodel.short_description = text["short"]
+    mlmodel.author = f"pgexport {pgexport.__version__}"
+    mlmodel.license = LICENSE_NOTE
+    mlmodel.version = pgexport.__version__
+    for name, description in text["inputs"].items():
+        mlmodel.input_description[name] = description
+    for name, description in text["outputs"].items():
+        mlmodel.output_description[name] = description
+    metadata = {
+        "pgexport.version": pgexport.__version__,
+        "pgexport.format": FORMAT,
+        "pgexport.package": package,
+        "pgexport.source": fields["source"]["checkpoint"],
+        "pgexport.source_sha256": fields["source"]["sha256"] or "unknown (hub id)",
+        "pgexport.compression": fields["options"]["compress"],
+        "pgexport.license": LICENSE_NOTE,
+    }
+    for key, value in metadata.items():
+        mlmodel.user_defined_metadata[key] = str(value)
+
+
+def prompt_layout(checkpoint, max_context: int, decoder_state_shape: list[int]) -> dict:
+    """What an app needs to build inputs: special ids, the prompt layout, the mask convention."""
+    from pgexport.coreml.wrappers import BLOCKED, pixel_normalisation
+
+    config, tokenizer = checkpoint.config, checkpoint.processor.tokenizer
+    text = config.text_config
+    scale, bias = pixel_normalisation(checkpoint.processor.image_processor)
+    return {
+        "image_size": config.vision_config.image_size,
+        "image_resample": "bicubic",
+        "pixel_scale": scale,
+        "pixel_bias": bias,
+        "num_image_tokens": text.num_image_tokens,
+        "special_ids": {
+            "image": config.image_token_index,
+            "bos": tokenizer.bos_token_id,
+            "eos": tokenizer.eos_token_id,
+            "pad": tokenizer.pad_token_id,
+            "newline": tokenizer.convert_tokens_to_ids("\n"),
+        },
+        "prompt": ["<image> x num_image_tokens", "<bos>", "prefix text", "\\n"],
+        "prompt_note": "input_ids of the prefill are exactly the processor's: image tokens first, then bos, the prefix and a newline.",
+        "max_context": max_context,
+        "state_shape": decoder_state_shape,
+        "state_layout": "[layers, 1, kv_heads, max_context, head_dim] fp16, keys in key_cache, values in value_cache",
+        "mask": {"attend": 0.0, "blocked": BLOCKED, "shape": "[1, 1, q, end]"},
+        "prefill": "q = prompt length, end = q, mask all zeros (the prompt attends bidirectionally)",
+        "decode": "q = 1, end = tokens so far + 1, mask all zeros (causal: it sees the past and itself)",
+        "positions": "1-based cache slots (slot + 1), computed inside the decoder from end and q",
+        "sliding_window": getattr(text, "sliding_window", None) if getattr(text, "layer_types", None) else None,
+        "vocab_size": text.vocab_size,
+    }
+
+
+def to_coreml(
+    model: str | Path | None = None,
+    output: str | Path = "out-coreml",
+    *,
+    compress: str = "none",
+    target: str = "iOS18",
+    max_context: int | None = None,
+    validate: bool = True,
+    force: bool = False,
+    allow_pickle: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Convert `model` (folder or hub id; default the demo model) to Core ML packages at `output`.
+
+    Stages: check the request -> load -> wrapper parity against transformers (fp32 PyTorch) ->
+    convert the vision encoder and the stateful decoder (fp16) -> compress -> describe -> save
+    tokenizer, prompt layout and README -> check the saved specs -> manifest. Writes into a staging
+    folder renamed into place at the end. Raises GateFailedError (packages kept) when parity fails.
+    """
+    from pgexport.coreml import package_readme
+    from pgexport.coreml.spec import check_spec
+    from pgexport.load import load_checkpoint
+    from pgexport.manifest import check_output, staging_folder, write_manifest
+    from pgexport.pipeline import save_model_files, stages
+
+    output = Path(output)
+    check_request(compress, target)
+    config = read_config(model, allow_pickle)
+    if config is not None:
+        max_context = check_context(config, max_context)
+    check_output(output, force)
+    ct = import_optional("coremltools", "coreml")
+    started = time.perf_counter()
+    with staging_folder(output, force) as staging, stages(7 + validate, progress) as advance:
+        advance("loading checkpoint")
+        checkpoint = load_checkpoint(model, allow_pickle=allow_pickle)
+        max_context = check_context(checkpoint.config, max_context)
+        fields = {
+            "format": FORMAT,
+            "pgexport_version": pgexport.__version__,
+            "source": {"checkpoint": checkpoint.source, "sha256": checkpoint.sha256, "family": checkpoint.family},
+            "options": {"compress": compress, "target": target, "max_context": max_context, "validate": validate},
+            "license": LICENSE_NOTE,
+            "coremltools_version": ct.__version__,
+        }
+        parity = {"wrappers": None, "runtime": "not run: Core ML prediction needs macOS (pgexport validate runs it there)"}
+        if validate:
+            from pgexport.coreml.parity import check_wrappers
+
+            advance("checking the export wrappers against transformers")
+            parity["wrappers"] = check_wrappers(checkpoint.model, checkpoint.processor)
+        packages = {}
+        for package in PACKAGES:
+            advance(f"converting {package}")
+            t0 = time.perf_counter()
+            if package == "vision_encoder":
+                # Traced in fp32: coremltools 9 rejects SigLIP's layer_norm traced in fp16 (fp32 epsilon, fp16 gamma).
+                mlmodel = convert_vision_encoder(checkpoint.model, checkpoint.processor.image_processor, target)
+            else:
+                # Traced in fp16: halves the memory conversion needs (5.9 GB of torch weights at 3B, not 11.7).
+                mlmodel = convert_decoder(checkpoint.model.half(), target, max_context)
+            path = staging / f"{package}.mlpackage"
+            entry = {"convert_seconds": round(time.perf_counter() - t0, 1)}
+            if compress != "none":
+                scratch = staging / ".uncompressed" / path.name
+                mlmodel.save(str(scratch))
+                entry["fp16_bytes"] = package_bytes(scratch)
+                shutil.rmtree(scratch.parent)
+                advance(f"compressing {package} ({compress})")
+                t0 = time.perf_counter()
+                mlmodel = compress_model(mlmodel, compress)
+                entry["compress_seconds"] = round(time.perf_counter() - t0, 1)
+            describe(mlmodel, package, fields)
+            mlmodel.save(str(path))
+            entry["bytes"] = package_bytes(path)
+            entry.setdefault("fp16_bytes", entry["bytes"])
+            entry["ratio"] = round(entry["bytes"] / entry["fp16_bytes"], 4)
+            packages[package] = entry
+            del mlmodel
+        advance("saving tokenizer, prompt layout and README")
+        text = checkpoint.config.text_config
+        state_shape = [text.num_hidden_layers, 1, text.num_key_value_heads, max_context, text.head_dim]
+        layout = prompt_layout(checkpoint, max_context, state_shape)
+        save_model_files(checkpoint, staging)
+        (staging / "prompt_layout.json").write_text(json.dumps(layout, indent=2) + "\n")
+        (staging / "README.md").write_text(package_readme.render(layout, fields, packages))
+        del checkpoint
+        advance("checking the saved specs")
+        expected = {"target": target, "compress": compress, "max_context": max_context, "state_shape": state_shape,
+                    "image_size": layout["image_size"], "num_image_tokens": layout["num_image_tokens"],
+                    "hidden_size": text.hidden_size, "vocab_size": text.vocab_size}
+        spec = {"expected": expected, "problems": check_spec(staging, expected)}
+        advance("writing manifest")
+        fields.update(packages=packages, spec_check=spec, parity=parity,
+                      export_seconds=round(time.perf_counter() - started, 2))
+        manifest = write_manifest(staging, **fields)
+    failures = (parity["wrappers"] or {}).get("failures", []) + spec["problems"]
+    if failures:
+        raise GateFailedError(f"Core ML export checks failed: {failures}")
+    return manifest

@@ -1,0 +1,184 @@
+"""Core ML export (`pgexport coreml`): the export wrappers against transformers, the state logic,
+the saved specs, compression, bad inputs, and `pgexport validate` on a Core ML artifact.
+
+Core ML prediction needs macOS: on Linux the runtime hop is skipped with its reason, everything
+else (what coremltools traces, what it saved) is checked here."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from pgexport.cli import main
+from pgexport.coreml.parity import MAX_REL_DIFF, check_wrappers, decode_mask, prefill_mask, wrapper_generate
+from pgexport.coreml.validate import runtime_unavailable
+from pgexport.coreml.wrappers import StatefulDecoder, VisionEncoder, pixel_normalisation
+from pgexport.load import load_checkpoint
+from pgexport.runtime import prepare_inputs
+from pgexport.validate import default_samples, reference_generate
+
+pytest.importorskip("coremltools")
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return load_checkpoint(None)
+
+
+@pytest.mark.parametrize("preset", ["demo", "tiny-pg1", "tiny-pg2"])
+def test_wrappers_match_transformers(preset, demo, checkpoint_factory):
+    checkpoint = demo if preset == "demo" else load_checkpoint(checkpoint_factory(preset))
+    report = check_wrappers(checkpoint.model, checkpoint.processor)
+    assert report["max_rel_diff"] <= MAX_REL_DIFF, report
+    assert report["tokens_identical"], report
+    assert report["passed"] and len(report["rows"]) == 3
+    assert len({row["prompt_tokens"] for row in report["rows"]}) > 1  # prompts of different lengths
+
+
+def test_gemma2_window_is_exercised_through_the_state(checkpoint_factory):
+    """tiny-pg2 decodes past its sliding window: without the window, the wrapper stops matching."""
+    checkpoint = load_checkpoint(checkpoint_factory("tiny-pg2"))
+    model, (image, prompt) = checkpoint.model, default_samples(1)[0]
+    window = model.config.text_config.sliding_window
+    inputs = prepare_inputs(checkpoint.processor, [image], [prompt])
+    assert inputs["input_ids"].shape[1] > window  # the prompt itself spans more than the window
+    ref_tokens, ref_logits = reference_generate(model, inputs, 8)
+    decoder, vision = StatefulDecoder(model, 64).eval(), VisionEncoder(model).eval()
+    tokens, logits = wrapper_generate(decoder, vision, inputs["input_ids"], inputs["pixel_values"], 8)
+    reference = np.stack([step[0] for step in ref_logits])
+    assert tokens.tolist() == ref_tokens[0].tolist()
+    assert np.abs(logits - reference).max() < 1e-4 * np.ptp(reference)
+    decoder.windows = [None] * len(decoder.windows)
+    _, no_window = wrapper_generate(decoder, vision, inputs["input_ids"], inputs["pixel_values"], 8)
+    assert np.abs(no_window - reference).max() > 1e-3 * np.ptp(reference)
+
+
+def test_state_is_written_in_place_by_slices(demo):
+    """Prefill fills slots [0, prompt), each decode step fills exactly one more slot, nothing beyond."""
+    model, (image, prompt) = demo.model, default_samples(1)[0]
+    inputs = prepare_inputs(demo.processor, [image], [prompt])
+    decoder = StatefulDecoder(model, 48).eval()
+    features = VisionEncoder(model)(torch.from_numpy(inputs["pixel_values"])).detach()
+    ids = torch.from_numpy(inputs["input_ids"]).int()
+    prompt_length = ids.shape[1]
+    filled = lambda: (decoder.key_cache.abs().sum(dim=(0, 1, 2, 4)) > 0).nonzero().flatten().tolist()  # noqa: E731
+    with torch.no_grad():
+        first = decoder(ids, features, prefill_mask(prompt_length))
+        assert filled() == list(range(prompt_length))
+        token = torch.tensor([[int(first[0, -1].argmax())]], dtype=torch.int32)
+        second = decoder(token, features[:, :1], decode_mask(prompt_length + 1))
+        assert filled() == list(range(prompt_length + 1))
+        before = decoder.value_cache[:, :, :, :prompt_length].clone()
+        assert torch.equal(before, decoder.value_cache[:, :, :, :prompt_length])
+        decoder.reset()  # the same decode call on an empty cache: the state is what carries the prompt
+        alone = decoder(token, features[:, :1], decode_mask(prompt_length + 1))
+    assert not torch.allclose(second, alone, atol=1e-3)
+
+
+def test_pixel_normalisation_reproduces_the_processor(demo):
+    """ImageType computes scale * pixel + bias on the resized frame: that must be SigLIP's preprocessing."""
+    image, prompt = default_samples(1)[0]
+    size = demo.config.vision_config.image_size
+    pixel_values = prepare_inputs(demo.processor, [image], [prompt])["pixel_values"][0]
+    scale, bias = pixel_normalisation(demo.processor.image_processor)
+    frame = np.asarray(image.resize((size, size), resample=3), dtype=np.float32).transpose(2, 0, 1)
+    baked = scale * frame + np.asarray(bias, dtype=np.float32)[:, None, None]
+    assert np.abs(baked - pixel_values).max() < 1e-5
+
+
+@pytest.fixture(scope="module")
+def int4_artifact(tmp_path_factory):
+    """The demo model converted with int4 compression (wrapper gate on), once for the module."""
+    from pgexport.coreml.convert import to_coreml
+
+    output = tmp_path_factory.mktemp("coreml") / "demo-int4"
+    manifest = to_coreml(None, output, compress="int4", max_context=64, progress=False)
+    return output, manifest
+
+
+def test_conversion_writes_checked_packages(int4_artifact):
+    from pgexport.coreml.spec import check_spec, load_spec, program_ops
+    from pgexport.manifest import verify
+
+    output, manifest = int4_artifact
+    assert manifest["format"] == "pgexport-coreml/1"
+    assert manifest["spec_check"]["problems"] == []
+    assert manifest["parity"]["wrappers"]["passed"]
+    assert verify(output) == []
+    for name in ("tokenizer.json", "tokenizer_config.json", "prompt_layout.json", "README.md", "config.json"):
+        assert (output / name).is_file(), name
+    layout = json.loads((output / "prompt_layout.json").read_text())
+    assert layout["special_ids"]["image"] == 1250 and layout["num_image_tokens"] == 16 and layout["max_context"] == 64
+    assert "makeState()" in (output / "README.md").read_text()
+    decoder = load_spec(output / "decoder.mlpackage")
+    assert decoder.specificationVersion >= 9  # iOS18
+    assert [s.name for s in decoder.description.state] == ["key_cache", "value_cache"]
+    assert list(decoder.description.state[0].type.stateType.arrayType.shape) == [4, 1, 1, 64, 32]
+    ops = program_ops(decoder)
+    assert ops["slice_update"] >= 8 and ops["write_state"] >= 8 and ops["read_state"] >= 2
+    assert ops["constexpr_blockwise_shift_scale"] > 0
+    metadata = decoder.description.metadata
+    assert metadata.userDefined["pgexport.source_sha256"] == manifest["source"]["sha256"]
+    assert "Gemma" in metadata.license and decoder.description.input[0].shortDescription
+    # int4 per block: well under half of the fp16 package; the tied embedding is stored once.
+    for entry in manifest["packages"].values():
+        assert entry["bytes"] < 0.5 * entry["fp16_bytes"]
+    # The spec check is not a rubber stamp: a wrong expectation is reported.
+    wrong = {**manifest["spec_check"]["expected"], "max_context": 65, "state_shape": [4, 1, 1, 65, 32], "compress": "palettize4"}
+    problems = check_spec(output, wrong)
+    for expected in ("input input_ids shape ranges", "state key_cache", "no constexpr_lut_to_dense"):
+        assert any(expected in problem for problem in problems), (expected, problems)
+
+
+def test_validate_on_linux_says_runtime_parity_was_skipped(int4_artifact, tmp_path):
+    if runtime_unavailable() is None:
+        pytest.skip("Core ML runtime present: see test_runtime_parity_on_macos")
+    output, _ = int4_artifact
+    result = CliRunner().invoke(main, ["validate", str(output)])
+    assert result.exit_code == 0, result.output
+    assert "runtime parity: SKIPPED" in result.output and "macOS" in result.output
+    assert "every file matches" in result.output
+    broken = tmp_path / "broken"
+    shutil.copytree(output, broken)
+    (broken / "prompt_layout.json").write_text("{}")
+    result = CliRunner().invoke(main, ["validate", str(broken)])
+    assert result.exit_code == 6 and "size differs: prompt_layout.json" in result.output
+
+
+@pytest.mark.skipif(runtime_unavailable() is not None, reason=str(runtime_unavailable()))
+def test_runtime_parity_on_macos(int4_artifact):
+    from pgexport.coreml.validate import validate_coreml
+
+    report = validate_coreml(int4_artifact[0])
+    assert report["runtime"]["passed"], report["runtime"]
+
+
+@pytest.mark.parametrize(
+    "args, code, message",
+    [
+        (["--target", "iOS17"], 7, "needs iOS18 or macOS15"),
+        (["--compress", "int3"], 2, "Invalid value for '--compress'"),
+        (["--max-context", "100000"], 4, "longer than the model's 8192 positions"),
+        (["--max-context", "10"], 4, "leaves no room after the 16 image tokens"),
+    ],
+)
+def test_bad_input_fails_before_any_work(args, code, message, tmp_path):
+    output = tmp_path / "out"
+    result = CliRunner().invoke(main, ["coreml", "-o", str(output), *args])
+    assert result.exit_code == code, result.output
+    assert message in result.output
+    assert list(tmp_path.iterdir()) == []  # nothing written, not even a staging folder
+
+
+def test_library_rejects_unknown_compression_and_existing_output(tmp_path):
+    from pgexport.coreml.convert import to_coreml
+    from pgexport.errors import BadInputError, OutputExistsError
+
+    with pytest.raises(BadInputError, match="unknown compression 'int3'"):
+        to_coreml(None, tmp_path / "a", compress="int3")
+    (tmp_path / "b").mkdir()
+    with pytest.raises(OutputExistsError):
+        to_coreml(None, tmp_path / "b")
