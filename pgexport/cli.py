@@ -146,6 +146,16 @@ def generate_command(artifact, images, prompts, max_new_tokens, dtype, as_json):
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def validate_command(artifact, reference, eval_file, allow_pickle, as_json):
     """Rerun the parity gate of ARTIFACT against the PyTorch model; exit 6 when it fails."""
+    from pgexport.manifest import read_manifest
+
+    if read_manifest(artifact).get("format", "").startswith("pgexport-coreml/"):
+        from pgexport.coreml.validate import report_lines, validate_coreml
+
+        report = validate_coreml(artifact, reference, allow_pickle=allow_pickle)
+        click.echo(json.dumps(report, indent=2) if as_json else "\n".join(report_lines(report)))
+        if not report["passed"]:
+            raise GateFailedError("Core ML artifact checks failed")
+        return
     from pgexport.validate import validate_artifact
 
     report = validate_artifact(artifact, reference, eval_file=eval_file, allow_pickle=allow_pickle)
@@ -246,3 +256,7 @@ if __name__ == "__main__":
 from pgexport.quantize.cli import quantize_command  # noqa: E402
 
 main.add_command(quantize_command)
+
+from pgexport.coreml.cli import coreml_command  # noqa: E402  - issue 3: Core ML packages
+
+main.add_command(coreml_command)
