@@ -253,6 +253,10 @@ def bench_command(targets, device, dtypes, batches, resolutions, prompt_tokens, 
 if __name__ == "__main__":
     main()
 
+from pgexport.distill.cli import distill_command  # noqa: E402  (issue 4: registered after the built-in commands)
+
+main.add_command(distill_command)
+
 from pgexport.quantize.cli import quantize_command  # noqa: E402
 
 main.add_command(quantize_command)
