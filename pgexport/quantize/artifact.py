@@ -109,21 +109,21 @@ def quantize_graph(folder: Path, graph: str, precision: str, options: QuantizeOp
         from pgexport.quantize.embed import quantize_embedding
 
         bits = 8 if precision == "int8" else 4
-        return {"method": f"GatherBlockQuantized {bits}-bit",
-                **quantize_embedding(src, dst, bits=bits, block_size=options.block_size, progress=progress)}
+        info = quantize_embedding(src, dst, bits=bits, block_size=options.block_size, progress=progress)
+        return {**info, "method": f"GatherBlockQuantized {bits}-bit"}
     if precision == "int8":
         from pgexport.quantize.int8 import quantize_dynamic_int8
 
-        return {"method": "dynamic int8", **quantize_dynamic_int8(src, dst, progress=progress)}
+        return {**quantize_dynamic_int8(src, dst, progress=progress), "method": "dynamic int8"}
     if precision == "q4":
         from pgexport.quantize.int4 import quantize_int4
 
-        return {"method": f"MatMulNBits 4-bit {options.int4_method}",
-                **quantize_int4(src, dst, method=options.int4_method, block_size=options.block_size,
-                                accuracy_level=options.accuracy_level, progress=progress)}
+        info = quantize_int4(src, dst, method=options.int4_method, block_size=options.block_size,
+                             accuracy_level=options.accuracy_level, progress=progress)
+        return {**info, "method": f"MatMulNBits 4-bit {options.int4_method}"}
     if precision == "fp16":
         fp16 = _need("fp16", "fp16")
-        return {"method": "fp16 with fp32 islands", **fp16.convert_fp16(folder, graph, src, dst, progress=progress)}
+        return {**fp16.convert_fp16(folder, graph, src, dst, progress=progress), "method": "fp16 with fp32 islands"}
     if precision == "int8-static":
         calibration = _need("calibration", "int8-static (calibration data)")
         feeds = calibration.calibration_feeds(folder, graph, options.calibration)
@@ -131,10 +131,11 @@ def quantize_graph(folder: Path, graph: str, precision: str, options: QuantizeOp
             tune = _need("tune", "accuracy-aware tuning")
             if evaluate is None:
                 raise UnsupportedError("accuracy-aware tuning needs the reference model's metric (run with validation on)")
-            return {"method": "static int8 (tuned)", **tune.tune_static_int8(
-                src, dst, feeds, lambda path: evaluate(graph, path), options.accuracy_target, progress=progress)}
+            info = tune.tune_static_int8(src, dst, feeds, lambda path: evaluate(graph, path), options.accuracy_target,
+                                         progress=progress)
+            return {**info, "method": "static int8 (tuned)"}
         static = _need("static", "int8-static")
-        return {"method": "static int8", **static.quantize_static_int8(src, dst, feeds, progress=progress)}
+        return {**static.quantize_static_int8(src, dst, feeds, progress=progress), "method": "static int8"}
     raise UnsupportedError(f"no {precision} method for {graph}")
 
 

@@ -1,0 +1,185 @@
+"""Quantization methods on the demo model: size, parity against PyTorch fp32, CPU decode speed.
+
+    python benchmarks/quantize_demo.py [--work /tmp/quant/demo-bench] [--json benchmarks/results/quantize_demo.json]
+
+Exports the demo model once (fp32, no gate), then runs `quantize_artifact` per method with the
+parity gate on (the PyTorch fp32 reference: 3 left-padded samples x 16 greedy tokens, and the
+200-row held-out split for exact match) and times greedy decoding on ONNX Runtime (CPU, batch 1).
+A failed gate is recorded, not fatal: the table says which method passed.
+
+Also `python benchmarks/quantize_demo.py --compare FP32_ARTIFACT ARTIFACT:VARIANT ...`: greedy
+token agreement with the fp32 graphs and decode ms/token only (what quantize_3b.sh uses, where
+a PyTorch reference run does not fit beside the graphs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+METHODS = {  # label -> quantize_artifact arguments
+    "int8 (vision+decoder)": dict(methods=["int8"]),
+    "int8 + int8 table": dict(methods=["int8"], graphs={"embed": "int8"}),
+    "int8-static": dict(methods=["int8-static"], graphs={"embed": "int8"}),
+    "q4 rtn b32": dict(methods=["q4"]),
+    "q4 rtn b128": dict(methods=["q4"], quantize=dict(block_size=128)),
+    "q4 rtn b32 acc4": dict(methods=["q4"], quantize=dict(accuracy_level=4)),
+    "q4 hqq b32": dict(methods=["q4"], quantize=dict(int4_method="hqq")),
+    "vision int8, decoder+table q4": dict(graphs={"vision": "int8", "decoder": "q4", "embed": "q4"}),
+    "fp16": dict(methods=["fp16"]),
+}
+DECODE_TOKENS = 32
+
+
+def decode_ms_per_token(artifact: Path, dtype: str, runs: int = 3, threads: int = 0) -> float:
+    """Median over runs of (time for 1 + DECODE_TOKENS greedy tokens - time for 1) / DECODE_TOKENS,
+    batch 1, eos ignored: the decode steps alone, prefill excluded."""
+    from pgexport.runtime import OnnxPaliGemma
+    from pgexport.validate import default_samples
+
+    model = OnnxPaliGemma(artifact, dtype=dtype, threads=threads)
+    image, prompt = default_samples(1)[0]
+    inputs = model.preprocess([image], [prompt])
+
+    def timed(tokens):
+        started = time.perf_counter()
+        model.generate_ids(**inputs, max_new_tokens=tokens, stop_at_eos=False)
+        return time.perf_counter() - started
+
+    timed(2)  # warm-up
+    samples = [(timed(1 + DECODE_TOKENS) - timed(1)) / DECODE_TOKENS for _ in range(runs)]
+    return round(1000 * statistics.median(samples), 3)
+
+
+def greedy_tokens(artifact: Path, dtype: str) -> np.ndarray:
+    from pgexport.runtime import OnnxPaliGemma
+    from pgexport.validate import PARITY_NEW_TOKENS, default_samples
+
+    model = OnnxPaliGemma(artifact, dtype=dtype)
+    images, prompts = zip(*default_samples())
+    inputs = model.preprocess(list(images), list(prompts))
+    tokens, _ = model.generate_ids(**inputs, max_new_tokens=PARITY_NEW_TOKENS, stop_at_eos=False)
+    return tokens
+
+
+def compare(fp32: Path, targets: list[str]) -> list[dict]:
+    """Token agreement with the fp32 graphs, decode ms/token and sizes of ARTIFACT:VARIANT targets."""
+    from pgexport.manifest import read_manifest
+    from pgexport.quantize.artifact import size_report
+    from pgexport.validate import _agreement
+
+    reference = greedy_tokens(fp32, "fp32")
+    rows = [{"target": str(fp32), "dtype": "fp32", "agreement": 1.0, "decode_ms": decode_ms_per_token(fp32, "fp32"),
+             "bytes": size_report(fp32, {})["fp32"]["total"]}]
+    for target in targets:
+        path, dtype = target.rsplit(":", 1)
+        manifest = read_manifest(Path(path))
+        sizes = size_report(Path(path), {dtype: manifest.get("variants", {}).get(dtype, {})})
+        tokens = greedy_tokens(Path(path), dtype)
+        rows.append({"target": path, "dtype": dtype, "agreement": _agreement(reference, tokens),
+                     "identical": bool(np.array_equal(reference, tokens)),
+                     "decode_ms": decode_ms_per_token(Path(path), dtype), "bytes": sizes[dtype]["total"],
+                     "ratio": sizes[dtype]["ratio"], "graphs": sizes[dtype]["graphs"]})
+        print(json.dumps(rows[-1]), file=sys.stderr)
+    return rows
+
+
+def run_methods(work: Path, only: list[str] | None) -> dict:
+    from pgexport.errors import GateFailedError, UnsupportedError
+    from pgexport.manifest import read_manifest
+    from pgexport.pipeline import export_onnx, quantize_artifact
+    from pgexport.quantize.artifact import QuantizeOptions
+
+    fp32 = work / "fp32"
+    if not (fp32 / "manifest.json").is_file():
+        export_onnx(None, fp32, validate=False, force=True, progress=False)
+    results = {"fp32": {"bytes": _total(fp32), "ratio": 1.0,
+                        "decode_ms": decode_ms_per_token(fp32, "fp32")}}
+    for label, arguments in METHODS.items():
+        if only and label not in only:
+            continue
+        arguments = dict(arguments)
+        quantize = QuantizeOptions(**arguments.pop("quantize", {}))
+        out = work / label.replace(" ", "_").replace("+", "").replace(",", "")
+        started = time.perf_counter()
+        try:
+            manifest = quantize_artifact(fp32, out, quantize=quantize, force=True, progress=False, **arguments)
+            failed = None
+        except GateFailedError as error:
+            manifest, failed = read_manifest(out), str(error)
+        except UnsupportedError as error:
+            results[label] = {"skipped": str(error)}
+            print(label, "skipped:", error, file=sys.stderr)
+            continue
+        variant = list(manifest["variants"])[-1]
+        hop = manifest["parity"]["hops"][variant]
+        size = manifest["sizes"][variant]
+        results[label] = {
+            "variant": variant, "precisions": size["precisions"], "bytes": size["total"], "ratio": size["ratio"],
+            "graphs": size["graphs"], "agreement": hop["tokens"]["agreement"], "identical": hop["tokens"]["identical"],
+            "min_cosine": min(hop["prefill"]["min_cosine"], hop["decode"]["min_cosine"]),
+            "decode_cosine": hop["decode"]["min_cosine"],
+            "exact_match": hop["exact_match"]["artifact"], "exact_match_reference": hop["exact_match"]["reference"],
+            "exact_match_change": hop["exact_match"]["change_points"], "gate": "pass" if hop["passed"] else "FAIL",
+            "failures": hop["failures"], "gate_error": failed, "seconds": round(time.perf_counter() - started, 1),
+            "decode_ms": decode_ms_per_token(out, variant),
+        }
+        print(label, json.dumps({k: v for k, v in results[label].items() if k not in ("graphs", "precisions")}), file=sys.stderr)
+    return results
+
+
+def _total(folder: Path) -> int:
+    from pgexport.quantize.artifact import size_report
+
+    return size_report(folder, {})["fp32"]["total"]
+
+
+def to_markdown(results: dict) -> str:
+    lines = ["| method | graphs (vision / table / decoder) | total MB | x fp32 | greedy tokens vs PyTorch | exact match (change) | "
+             "decode cosine | gate | decode ms/token |", "|---|---|---|---|---|---|---|---|---|"]
+    for label, row in results.items():
+        if "skipped" in row:
+            lines.append(f"| {label} | skipped: {row['skipped']} | | | | | | | |")
+            continue
+        if label == "fp32":
+            lines.append(f"| fp32 | fp32 | {row['bytes'] / 1e6:.2f} | 1.000 | 100% (exported graphs) | - | - | - | {row['decode_ms']:.2f} |")
+            continue
+        p = row["precisions"]
+        lines.append(
+            f"| {label} | {p['vision_encoder']} / {p['embed_tokens']} / {p['decoder_model_merged']} | {row['bytes'] / 1e6:.2f} "
+            f"| {row['ratio']:.3f} | {row['agreement']:.0%}{' (identical)' if row['identical'] else ''} "
+            f"| {row['exact_match']:.1%} ({row['exact_match_change']:+.1f} pts) | {row['decode_cosine']:.4f} | {row['gate']} "
+            f"| {row['decode_ms']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/quant/demo-bench"))
+    parser.add_argument("--json", type=Path, default=Path("benchmarks/results/quantize_demo.json"))
+    parser.add_argument("--only", action="append", help="Method label(s) to run (default: all).")
+    parser.add_argument("--compare", nargs="+", metavar="ARTIFACT", help="FP32_ARTIFACT then ARTIFACT:VARIANT ...")
+    args = parser.parse_args()
+    if args.compare:
+        rows = compare(Path(args.compare[0]), args.compare[1:])
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+        return 0
+    results = run_methods(args.work, args.only)
+    if args.only and args.json.is_file():
+        results = {**json.loads(args.json.read_text()), **results}
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(results, indent=2) + "\n")
+    args.json.with_suffix(".md").write_text(to_markdown(results))
+    print(to_markdown(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
