@@ -182,3 +182,20 @@ def test_library_rejects_unknown_compression_and_existing_output(tmp_path):
     (tmp_path / "b").mkdir()
     with pytest.raises(OutputExistsError):
         to_coreml(None, tmp_path / "b")
+
+
+def test_fp16_wrappers_keep_the_demo_answers(demo):
+    """A proxy for the fp16 packages that runs here: the same wrappers in fp16 PyTorch (weights,
+    activations and cache) give the demo model's greedy tokens, logits within 2e-3 of the range."""
+    import copy
+
+    half = copy.deepcopy(demo.model).half()
+    decoder, vision = StatefulDecoder(half, 64).eval(), VisionEncoder(half).eval()
+    for image, prompt in default_samples(3):
+        inputs = prepare_inputs(demo.processor, [image], [prompt])
+        ref_tokens, ref_logits = reference_generate(demo.model, inputs, 8)
+        reference = np.stack([step[0] for step in ref_logits])
+        pixels = inputs["pixel_values"].astype(np.float16)
+        tokens, logits = wrapper_generate(decoder, vision, inputs["input_ids"], pixels, 8)
+        assert tokens.tolist() == ref_tokens[0].tolist()
+        assert np.abs(logits - reference).max() < 2e-3 * np.ptp(reference)
