@@ -1,0 +1,283 @@
+"""Static int8 (QDQ) quantization of an fp32 ONNX graph, calibrated on data, with Intel
+neural-compressor 3.7.1 (its 2.x-style ONNX Runtime API, `neural_compressor.quantization.fit`;
+the last release with ONNX Runtime support).
+
+    quantize_static_int8(src, dst, feeds, exclude_nodes=()) -> info
+
+`feeds` are the graph's fp32 inputs on calibration data (pgexport.quantize.calibration). What
+neural-compressor does with them, on this graph (read from adaptor/onnxrt.py and
+ox_utils/calibration.py):
+- pre-optimizes the graph with onnxruntime at level ENABLE_BASIC (constant folding, redundant
+  node removal; no com.microsoft fusions, so the output stays in standard ONNX ops). Its automatic
+  choice is BASIC for a graph it does not take for NLP and EXTENDED for one it does; it is pinned
+  here so a graph's output does not depend on that guess;
+- runs the graph once per feed with every quantizable op's inputs and outputs added as graph
+  outputs, keeping each tensor's min/max;
+- writes QuantizeLinear/DequantizeLinear pairs around each MatMul, Gemm and Conv: weights int8
+  symmetric (per tensor; Conv per output channel), activations uint8 asymmetric per tensor.
+  neural-compressor leaves the MatMuls of two activations (attention's Q.K and P.V) in fp32 on
+  these graphs; the info's "fp32_nodes" lists them. Every other op type is pinned to fp32: by
+  default neural-compressor also wraps data-movement ops (Reshape, Transpose, Slice) in QDQ
+  pairs, which changed neither the demo's answers nor its size and made the tuning space (one
+  trial per quantized node) more than twice as large.
+`exclude_nodes` keeps the named nodes in fp32 (accuracy-aware tuning passes what it fell back).
+
+Memory: neural-compressor holds the graph with its weights, a deep copy to quantize and the
+serialized bytes it hands onnxruntime (about 4-5 copies of the fp32 weights at the peak, see
+benchmarks/results/quantize_static.md for the 3B vision encoder). Graphs over 2 GB take its
+external-data path: the pre-optimized model goes through files in its workspace, which is a
+temporary folder beside `dst`, removed at the end. The output is written in that folder and
+renamed into place, the .onnx last, so a crash never leaves an .onnx that looks complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Sequence
+
+import onnx
+
+from pgexport.errors import import_optional
+from pgexport.quantize.int8 import QUANTIZED_OPS, QuantizeInputError
+
+GRAPH_OPTIMIZATION_LEVEL = "ENABLE_BASIC"
+EXTERNAL_DATA_THRESHOLD = 3 << 29  # 1.5 GiB of tensors: weights go to dst.name + ".data" (as int8.py)
+COMPUTE_OPS = ("MatMul", "Gemm", "Conv")  # the ops whose int8 form does the work; the rest only carry int8
+
+
+def quantize_static_int8(
+    src: Path, dst: Path, feeds: list[dict], *, exclude_nodes: Sequence[str] = (), progress: bool = True
+) -> dict:
+    """Calibrate `src` on `feeds` and write its int8 QDQ graph at `dst` (see the module docstring).
+
+    Returns {"quantized_nodes": MatMul/Gemm/Conv nodes fed by DequantizeLinear, "fp32_nodes": those
+    left in fp32 (names), "excluded": exclude_nodes, "op_types": {op: count} of the output,
+    "calibration_feeds": len(feeds), "bytes_before", "bytes_after", "external_data", "seconds"}.
+    Raises QuantizeInputError (BadInputError) for a missing, non-ONNX or already quantized src, no
+    feeds, feeds that do not match the graph's inputs, or an excluded name the graph lacks.
+    """
+    started = time.perf_counter()
+    src, dst = Path(src), Path(dst)
+    graph = check_source(src, feeds, exclude_nodes)
+    with neural_compressor_session(dst.parent, progress) as workspace:
+        from neural_compressor import quantization
+
+        source, defaults = without_overridable_initializers(src, graph, workspace)
+        conf = post_training_config(graph, len(feeds), exclude_nodes)
+        model = quantization.fit(str(source), conf, calib_dataloader=CalibrationLoader(feeds, defaults))
+        if model is None:
+            raise RuntimeError(f"neural-compressor returned no model for {src}")
+        external = save(model, dst, workspace, defaults)
+    return {
+        **describe(dst),
+        "excluded": list(exclude_nodes),
+        "calibration_feeds": len(feeds),
+        "bytes_before": _file_bytes(src),
+        "bytes_after": _file_bytes(dst),
+        "external_data": dst.name + ".data" if external else None,
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# shared with tune.py
+
+
+def check_source(src: Path, feeds: list[dict], exclude_nodes: Sequence[str] = ()) -> onnx.ModelProto:
+    """The graph (without its weights) after checking src, the feeds and the excluded names."""
+    if not src.is_file():
+        raise QuantizeInputError(f"{src}: no such file")
+    try:
+        model = onnx.load(str(src), load_external_data=False)
+    except Exception as error:  # protobuf's DecodeError and friends
+        raise QuantizeInputError(f"{src}: not an ONNX model ({type(error).__name__}: {error})") from None
+    if not model.graph.node:
+        raise QuantizeInputError(f"{src}: not an ONNX model (no nodes)")
+    found = sorted({n.op_type for n in model.graph.node if n.op_type in QUANTIZED_OPS or n.op_type.startswith("QLinear")})
+    if found:
+        raise QuantizeInputError(f"{src}: already quantized (contains {', '.join(found)})")
+    if not feeds:
+        raise QuantizeInputError(f"{src}: no calibration feeds")
+    inputs = {i.name for i in model.graph.input}
+    required = inputs - {t.name for t in model.graph.initializer}
+    for number, feed in enumerate(feeds):
+        if not required <= set(feed) <= inputs:
+            raise QuantizeInputError(
+                f"calibration feed {number} has inputs {sorted(feed)}, the graph takes {sorted(required)}"
+            )
+    unknown = sorted(set(exclude_nodes) - {n.name for n in model.graph.node})
+    if unknown:
+        raise QuantizeInputError(f"{src}: no node named {', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}")
+    return model
+
+
+class CalibrationLoader:
+    """The dataloader neural-compressor iterates: (inputs, label) pairs and a batch_size; each
+    feed completed with the defaults of the inputs it leaves out."""
+
+    batch_size = 1
+
+    def __init__(self, feeds: list[dict], defaults: dict | None = None):
+        self.feeds, self.defaults = feeds, defaults or {}
+
+    def __iter__(self):
+        for feed in self.feeds:
+            yield {**self.defaults, **feed}, None
+
+
+def without_overridable_initializers(src: Path, graph: onnx.ModelProto, workspace: Path) -> tuple[Path, dict]:
+    """(the graph neural-compressor should read, {input: default value}).
+
+    A graph input that an initializer gives a default (the decoder's `logits_to_keep`) would not
+    survive: neural-compressor's pre-optimization drops such inputs (ox_utils/util.py,
+    remove_init_from_model_input) and onnxruntime then folds the default in as a constant. So the
+    default is taken out, making it a plain input that calibration feeds, and put back in the
+    output by `restore_defaults`. The rewritten graph goes into the workspace, beside links to
+    src's external data files."""
+    from onnx import numpy_helper
+
+    inputs = {i.name for i in graph.graph.input}
+    overridable = [t for t in graph.graph.initializer if t.name in inputs]
+    if not overridable:
+        return src, {}
+    defaults = {t.name: numpy_helper.to_array(t, base_dir=str(src.parent)) for t in overridable}
+    graph = onnx.ModelProto.FromString(graph.SerializeToString())
+    for tensor in [t for t in graph.graph.initializer if t.name in defaults]:
+        graph.graph.initializer.remove(tensor)
+    folder = workspace / "source"
+    folder.mkdir()
+    for location in _external_files(graph):
+        (folder / location).symlink_to((src.parent / location).resolve())
+    onnx.save(graph, str(folder / src.name))
+    return folder / src.name, defaults
+
+
+def restore_defaults(proto: onnx.ModelProto, defaults: dict) -> None:
+    """Give the inputs of `defaults` their initializer back (see without_overridable_initializers)."""
+    from onnx import numpy_helper
+
+    present = {t.name for t in proto.graph.initializer}
+    inputs = {i.name for i in proto.graph.input}
+    proto.graph.initializer.extend(
+        numpy_helper.from_array(value, name) for name, value in defaults.items() if name in inputs and name not in present
+    )
+
+
+def _external_files(graph: onnx.ModelProto) -> set[str]:
+    return {
+        e.value
+        for t in graph.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL
+        for e in t.external_data if e.key == "location"
+    }
+
+
+def post_training_config(graph: onnx.ModelProto, calibration_size: int, exclude_nodes: Sequence[str] = (), **kwargs):
+    """neural-compressor's static QDQ config for `graph`: MatMul/Gemm/Conv in int8 (min/max
+    calibration; Conv weights per channel), every other op type of the graph in fp32, the
+    excluded nodes in fp32; every feed calibrates."""
+    from neural_compressor import PostTrainingQuantConfig
+
+    fp32 = {"activation": {"dtype": ["fp32"]}, "weight": {"dtype": ["fp32"]}}
+    op_types = {op: fp32 for op in {n.op_type for n in graph.graph.node} - set(COMPUTE_OPS)}
+    for op, granularity in (("MatMul", "per_tensor"), ("Gemm", "per_tensor"), ("Conv", "per_channel")):
+        op_types[op] = {"activation": {"algorithm": ["minmax"]}, "weight": {"granularity": [granularity]}}
+    return PostTrainingQuantConfig(
+        approach="static",
+        quant_format="QDQ",
+        calibration_sampling_size=[calibration_size],
+        recipes={"graph_optimization_level": GRAPH_OPTIMIZATION_LEVEL},
+        op_type_dict=op_types,
+        op_name_dict={name: fp32 for name in exclude_nodes} or None,
+        **kwargs,
+    )
+
+
+@contextlib.contextmanager
+def neural_compressor_session(folder: Path, progress: bool):
+    """neural-compressor's workspace in a temporary folder inside `folder` (its default is
+    ./nc_workspace in the current directory) and its INFO logging only with progress; both
+    restored, the folder removed."""
+    import_optional("neural_compressor", "quantize")
+    from neural_compressor.config import options
+
+    folder.mkdir(parents=True, exist_ok=True)
+    workspace = Path(tempfile.mkdtemp(prefix=".nc-workspace.", dir=folder))
+    logger = logging.getLogger("neural_compressor")
+    saved = options.workspace, logger.level
+    options.workspace = str(workspace) + os.sep
+    logger.setLevel(logging.INFO if progress else logging.WARNING)
+    try:
+        yield workspace
+    finally:
+        options.workspace = saved[0]
+        logger.setLevel(saved[1])
+        shutil.rmtree(workspace, ignore_errors=True)
+
+
+def save(model, dst: Path, workspace: Path, defaults: dict | None = None) -> bool:
+    """Write neural-compressor's ONNXModel at `dst` (weights in dst.name + ".data" over 1.5 GiB)
+    through `workspace`, renamed into place .data first; returns whether external data was used."""
+    data_name = dst.name + ".data"
+    staged = Path(tempfile.mkdtemp(prefix="out.", dir=workspace))
+    external = write(model, staged / dst.name, defaults)
+    if external:
+        os.replace(staged / data_name, dst.parent / data_name)
+    elif (dst.parent / data_name).exists():
+        (dst.parent / data_name).unlink()  # an earlier external-data output's weights
+    os.replace(staged / dst.name, dst)
+    shutil.rmtree(staged, ignore_errors=True)
+    return external
+
+
+def write(model, path: Path, defaults: dict | None = None) -> bool:
+    """onnx.save of neural-compressor's ONNXModel, or of the ModelProto its eval_func is given,
+    with the weights in path.name + ".data" over 1.5 GiB and the inputs of `defaults` given their
+    initializer back; returns whether the weights went to a data file.
+
+    A large model's proto may already point at weights in neural-compressor's workspace: such a
+    proto is written as is, and `path` must then be in that workspace (tune.py's candidates are)."""
+    from onnx.external_data_helper import load_external_data_for_model
+
+    proto = getattr(model, "model", model)
+    restore_defaults(proto, defaults or {})
+    model_path = getattr(model, "model_path", None)
+    if getattr(model, "is_large_model", False) and model_path:  # an ONNXModel whose weights live in its files
+        load_external_data_for_model(proto, os.path.dirname(model_path))
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer):
+        onnx.save_model(proto, str(path))
+        return True
+    external = sum(t.ByteSize() for t in proto.graph.initializer) > EXTERNAL_DATA_THRESHOLD
+    onnx.save_model(
+        proto, str(path), save_as_external_data=external, all_tensors_to_one_file=True,
+        location=path.name + ".data", size_threshold=1024, convert_attribute=False,
+    )
+    if external:  # saving moved the weights out of the proto: bring them back, neural-compressor may reuse it
+        load_external_data_for_model(proto, str(path.parent))
+    return external
+
+
+def describe(path: Path) -> dict:
+    """What a QDQ graph quantized: compute nodes fed by DequantizeLinear vs left in fp32, op counts."""
+    model = onnx.load(str(path), load_external_data=False)
+    dequantized = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    compute = [n for n in model.graph.node if n.op_type in COMPUTE_OPS]
+    quantized = [any(i in dequantized for i in n.input) for n in compute]
+    return {
+        "quantized_nodes": sum(quantized),
+        "fp32_nodes": [n.name for n, q in zip(compute, quantized) if not q],  # neural-compressor renames only quantized nodes (+"_quant")
+        "op_types": dict(Counter(n.op_type for n in model.graph.node).most_common()),
+    }
+
+
+def _file_bytes(path: Path) -> int:
+    model = onnx.load(str(path), load_external_data=False)
+    return sum(f.stat().st_size for f in {path} | {path.parent / name for name in _external_files(model)})
+
+

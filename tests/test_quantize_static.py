@@ -1,0 +1,253 @@
+"""Static int8 (QDQ, calibrated with neural-compressor) and accuracy-aware tuning on the demo model:
+the quantized graphs run in onnxruntime and keep the fp32 graphs' answers; tuning meets its target
+by falling nodes back to fp32 and says which; bad calibration sources fail before any work."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from pgexport.demo import EVAL_FILE, load_split
+from pgexport.errors import BadInputError, GateFailedError
+from pgexport.runtime import OnnxPaliGemma, open_image
+from pgexport.validate import EVAL_MAX_NEW_TOKENS, exact_match
+
+pytest.importorskip("neural_compressor", reason="static int8 needs the quantize extra (neural-compressor)")
+
+from pgexport.quantize.calibration import calibration_feeds  # noqa: E402
+from pgexport.quantize.static import quantize_static_int8  # noqa: E402
+from pgexport.quantize.tune import tune_static_int8  # noqa: E402
+
+GRAPHS = ("vision_encoder", "decoder_model_merged")
+CALIBRATION_ROWS = 16
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """The demo model's fp32 artifact (gate off: this file tests the quantized graphs against it)."""
+    from pgexport.pipeline import export_onnx
+
+    out = tmp_path_factory.mktemp("static-demo") / "fp32"
+    export_onnx(None, out, validate=False, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def static_graphs(demo, tmp_path_factory):
+    """Both graphs quantized to static int8 on the default calibration data (the demo task)."""
+    folder = tmp_path_factory.mktemp("static-graphs")
+    infos = {}
+    for graph in GRAPHS:
+        feeds = calibration_feeds(demo, graph, limit=CALIBRATION_ROWS)
+        infos[graph] = quantize_static_int8(_fp32(demo, graph), folder / f"{graph}_int8_static.onnx", feeds, progress=False)
+    return folder, infos
+
+
+def _fp32(artifact: Path, graph: str) -> Path:
+    return artifact / "onnx" / f"{graph}.onnx"
+
+
+def _with_graphs(artifact: Path, folder: Path, graphs: dict[str, Path]) -> Path:
+    """A copy of the artifact whose fp32 graph files are the given ones (so OnnxPaliGemma runs them)."""
+    shutil.copytree(artifact, folder)
+    for graph, path in graphs.items():
+        shutil.copy(path, folder / "onnx" / f"{graph}.onnx")
+    return folder
+
+
+def _answers(artifact: Path, rows) -> list[str]:
+    runtime, answers = OnnxPaliGemma(artifact, dtype="fp32"), []
+    for start in range(0, len(rows), 50):
+        chunk = rows[start : start + 50]
+        answers += [g.text for g in runtime.generate([open_image(r.image) for r in chunk], [r.prefix for r in chunk], EVAL_MAX_NEW_TOKENS)]
+    return answers
+
+
+def _min_logits_cosine(reference: list[np.ndarray], candidate: list[np.ndarray]) -> float:
+    """The gate's min_cosine: the smallest cosine over every position of every row."""
+    cosines = []
+    for ref, cand in zip(reference, candidate):
+        ref, cand = ref.reshape(-1, ref.shape[-1]), cand.reshape(-1, cand.shape[-1])
+        cosines.append(np.sum(ref * cand, -1) / (np.linalg.norm(ref, axis=-1) * np.linalg.norm(cand, axis=-1)))
+    return float(np.concatenate(cosines).min())
+
+
+def _dequantized_inputs(path: Path) -> dict[str, bool]:
+    """MatMul/Conv node name -> whether an input comes from DequantizeLinear (runs in int8)."""
+    model = onnx.load(str(path))
+    dequantized = {o for n in model.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    # neural-compressor names a quantized node after its source with "_quant" appended.
+    return {
+        n.name.removesuffix("_quant"): any(i in dequantized for i in n.input)
+        for n in model.graph.node if n.op_type in ("MatMul", "Conv")
+    }
+
+
+def _lm_head(artifact: Path) -> str:
+    """The decoder's last MatMul (hidden -> vocabulary logits)."""
+    model = onnx.load(str(_fp32(artifact, "decoder_model_merged")))
+    return [n.name for n in model.graph.node if n.op_type == "MatMul"][-1]
+
+
+def test_static_int8_keeps_the_demo_answers(demo, static_graphs, tmp_path):
+    folder, infos = static_graphs
+    for graph, info in infos.items():
+        ops = info["op_types"]
+        assert ops.get("QuantizeLinear", 0) > 0 and ops.get("DequantizeLinear", 0) > 0, graph
+        assert info["quantized_nodes"] >= 8, (graph, info)  # vision: 2 layers x 6 + projector; decoder: 4 x 7 + head
+        assert info["bytes_after"] < 0.3 * info["bytes_before"], (graph, info)
+    decoder = folder / "decoder_model_merged_int8_static.onnx"
+    assert _dequantized_inputs(decoder)[_lm_head(demo)]
+    # The decoder's overridable logits_to_keep (a graph input with a default) survives quantization.
+    assert "logits_to_keep" in {i.name for i in ort.InferenceSession(str(decoder)).get_overridable_initializers()}
+
+    # Prefill logits and greedy tokens on the gate's left-padded sample batch, against the fp32 graphs.
+    candidate = _with_graphs(demo, tmp_path / "static", {g: folder / f"{g}_int8_static.onnx" for g in GRAPHS})
+    fp32, static = OnnxPaliGemma(demo, dtype="fp32"), OnnxPaliGemma(candidate, dtype="fp32")
+    from pgexport.validate import default_samples
+
+    images, prompts = zip(*default_samples(4))
+    inputs = fp32.preprocess(list(images), list(prompts))
+    assert (inputs["attention_mask"] == 0).any(), "the batch must be left-padded"
+    logits = [
+        runtime.sessions["decoder_model_merged"].run(["logits"], runtime.prefill_feed(**inputs))[0]
+        for runtime in (fp32, static)
+    ]
+    keep = inputs["attention_mask"].reshape(-1).astype(bool)
+    cosine = _min_logits_cosine([logits[0].reshape(-1, logits[0].shape[-1])[keep]], [logits[1].reshape(-1, logits[1].shape[-1])[keep]])
+    assert cosine >= 0.9, cosine
+    tokens = [runtime.generate_ids(**inputs, max_new_tokens=16, stop_at_eos=False)[0] for runtime in (fp32, static)]
+    assert np.mean(tokens[0] == tokens[1]) >= 0.9, tokens
+
+    # The issue's goal: exact match on the 200 held-out rows drops by at most 1 point.
+    rows = load_split(EVAL_FILE)
+    before, after = _answers(demo, rows), _answers(candidate, rows)
+    em_before, em_after = exact_match(before, rows), exact_match(after, rows)
+    assert em_before >= 0.9
+    assert 100 * (em_before - em_after) <= 1.0, (em_before, em_after)
+    assert np.mean([a == b for a, b in zip(before, after)]) >= 0.95
+
+
+def test_tuning_falls_back_until_the_target_holds(demo, static_graphs, tmp_path):
+    """Metric: the gate's prefill min logits cosine vs the fp32 decoder on held-out rows. The fully
+    quantized decoder misses 0.96 of it; tuning must fall nodes back to fp32 until it holds."""
+    graph = "decoder_model_merged"
+    feeds = calibration_feeds(demo, graph, limit=CALIBRATION_ROWS)
+    held_out = calibration_feeds(demo, graph, source=EVAL_FILE, limit=8)  # a JSONL source
+    reference_session = ort.InferenceSession(str(_fp32(demo, graph)))
+    reference = [reference_session.run(["logits"], feed)[0] for feed in held_out]
+    calls = []
+
+    def evaluate(path: Path) -> float:
+        session = ort.InferenceSession(str(path))
+        calls.append(path)
+        return _min_logits_cosine(reference, [session.run(["logits"], feed)[0] for feed in held_out])
+
+    target = 0.96
+    untuned = evaluate(static_graphs[0] / f"{graph}_int8_static.onnx")
+    assert untuned < target, f"the untuned graph already meets the target ({untuned}): the test proves nothing"
+
+    dst = tmp_path / f"{graph}_int8_static.onnx"
+    info = tune_static_int8(_fp32(demo, graph), dst, feeds, evaluate, target, progress=False, max_trials=40)
+    assert info["baseline"] > 0.9999
+    assert info["metric"] >= target * info["baseline"], info
+    assert info["history"][1]["metric"] < target * info["baseline"]  # the first candidate: everything int8
+    assert 1 <= info["trials"] <= 40 and info["fell_back"], info
+    int8 = _dequantized_inputs(dst)
+    assert all(not int8[name] for name in info["fell_back"]), info["fell_back"]
+    assert sum(int8.values()) == info["quantized_nodes"] >= 20  # most of the decoder stays int8
+    assert info["metric"] == pytest.approx(evaluate(dst))
+
+    # Unreachable within the trials given: a gate failure, the report attached, nothing written.
+    missing = tmp_path / "never.onnx"
+    with pytest.raises(GateFailedError) as failure:
+        tune_static_int8(_fp32(demo, graph), missing, feeds, evaluate, 0.99999, progress=False, max_trials=2)
+    # (neural-compressor's trial count leaves out its "apply all recipes" rerun of the first config)
+    assert 1 <= failure.value.report["trials"] <= 3 and not missing.exists()
+
+
+def test_excluded_nodes_stay_fp32(demo, tmp_path):
+    graph = "decoder_model_merged"
+    feeds = calibration_feeds(demo, graph, limit=4)
+    dst = tmp_path / "excluded.onnx"
+    head = _lm_head(demo)
+    info = quantize_static_int8(_fp32(demo, graph), dst, feeds, exclude_nodes=[head], progress=False)
+    int8 = _dequantized_inputs(dst)
+    assert not int8[head] and info["excluded"] == [head] and head in info["fp32_nodes"]
+    assert sum(int8.values()) == info["quantized_nodes"] >= 20
+    with pytest.raises(BadInputError, match="no node named"):
+        quantize_static_int8(_fp32(demo, graph), tmp_path / "x.onnx", feeds, exclude_nodes=["no_such_node"], progress=False)
+
+
+def test_bad_quantize_inputs_leave_nothing(demo, static_graphs, tmp_path):
+    graph = "vision_encoder"
+    feeds = calibration_feeds(demo, graph, limit=2)
+    dst = tmp_path / "out.onnx"
+    already = static_graphs[0] / f"{graph}_int8_static.onnx"
+    cases = {
+        "already quantized": (already, feeds),
+        "no calibration feeds": (_fp32(demo, graph), []),
+        "has inputs": (_fp32(demo, graph), [{"input_ids": np.zeros((1, 3), np.int64)}]),
+        "no such file": (tmp_path / "missing.onnx", feeds),
+    }
+    for message, (src, given) in cases.items():
+        with pytest.raises(BadInputError, match=message):
+            quantize_static_int8(src, dst, given, progress=False)
+    with pytest.raises(BadInputError, match="accuracy target"):
+        tune_static_int8(_fp32(demo, graph), dst, feeds, lambda path: 1.0, 1.5, progress=False)
+    assert not dst.exists() and not list(tmp_path.glob(".nc-workspace*"))
+
+
+def test_bad_calibration_sources_fail_before_any_work(demo, tmp_path, monkeypatch):
+    def no_session(*args, **kwargs):
+        raise AssertionError("a session was opened before the source was checked")
+
+    monkeypatch.setattr(ort, "InferenceSession", no_session)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "a.png").write_bytes(b"not a png")
+    no_rows = tmp_path / "no_rows.jsonl"
+    no_rows.write_text("\n")
+    bad_row = tmp_path / "bad_row.jsonl"
+    bad_row.write_text('{"image": "a.png"}\n')
+    missing_image = tmp_path / "missing_image.jsonl"
+    missing_image.write_text('{"image": "nowhere.png", "prefix": "caption en"}\n')
+    cases = [
+        (empty, "has no images"),
+        (broken, "cannot read calibration image"),
+        (no_rows, "has no rows"),
+        (bad_row, "bad_row.jsonl:1"),
+        (missing_image, "cannot read calibration image"),
+        (tmp_path / "nowhere", "no such file or folder"),
+    ]
+    for source, message in cases:
+        with pytest.raises(BadInputError, match=message):
+            calibration_feeds(demo, "decoder_model_merged", source=source)
+    with pytest.raises(BadInputError, match="no calibration for graph"):
+        calibration_feeds(demo, "embed_tokens")
+    with pytest.raises(BadInputError, match="not a pgexport ONNX artifact"):
+        calibration_feeds(tmp_path, "vision_encoder")
+
+
+def test_calibration_feeds_are_the_runtime_feeds(demo):
+    """A folder source: each image asked "caption en"; the decoder feed is the runtime's prefill feed."""
+    rows = load_split(EVAL_FILE)[:3]
+    folder = Path(rows[0].image).parent
+    feeds = calibration_feeds(demo, "decoder_model_merged", source=folder, limit=3)
+    vision = calibration_feeds(demo, "vision_encoder", source=folder, limit=3)
+    assert len(feeds) == len(vision) == 3
+    runtime = OnnxPaliGemma(demo, dtype="fp32")
+    first = sorted(p for p in folder.iterdir() if p.suffix == ".png")[0]
+    inputs = runtime.preprocess([open_image(first)], ["caption en"])
+    expected = runtime.prefill_feed(inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"])
+    assert set(feeds[0]) == set(expected)
+    for name, value in expected.items():
+        np.testing.assert_array_equal(feeds[0][name], value, err_msg=name)
+    np.testing.assert_array_equal(vision[0]["pixel_values"], inputs["pixel_values"].astype(np.float32))
