@@ -39,11 +39,12 @@ def _agreement(reference, candidate) -> float:
     return float((differ[0] if differ.size else len(reference)) / len(reference))
 
 
-def coreml_generate(vision, decoder, image, input_ids: np.ndarray, new_tokens: int):
-    """Greedy decoding on the Core ML packages (macOS) -> (tokens, per-step logits [steps, vocab])."""
-    size = vision.get_spec().description.input[0].type.imageType.width
-    frame = image.convert("RGB").resize((size, size), resample=3)  # bicubic, as the processor resizes
-    features = vision.predict({"image": frame})["image_features"].astype(np.float16)
+def coreml_generate(vision, decoder, image, input_ids: np.ndarray, image_size: int, new_tokens: int):
+    """Greedy decoding on the Core ML packages (macOS) -> (tokens, per-step logits [steps, vocab]).
+
+    `vision` and `decoder` need only coremltools' `predict` (and `make_state` for the decoder)."""
+    frame = image.convert("RGB").resize((image_size, image_size), resample=3)  # bicubic, as the processor resizes
+    features = np.asarray(vision.predict({"image": frame})["image_features"]).astype(np.float16)
     state = decoder.make_state()
     ids = input_ids.astype(np.int32)
     end = ids.shape[1]
@@ -51,7 +52,7 @@ def coreml_generate(vision, decoder, image, input_ids: np.ndarray, new_tokens: i
     logits = decoder.predict(feed, state=state)["logits"]
     tokens, steps = [], []
     for _ in range(new_tokens):
-        steps.append(logits[0, -1].astype(np.float32))
+        steps.append(np.asarray(logits)[0, -1].astype(np.float32))
         tokens.append(int(steps[-1].argmax()))
         end += 1
         feed = {"input_ids": np.array([[tokens[-1]]], dtype=np.int32), "image_features": features[:, :1],
@@ -60,24 +61,18 @@ def coreml_generate(vision, decoder, image, input_ids: np.ndarray, new_tokens: i
     return np.array(tokens), np.stack(steps)
 
 
-def runtime_parity(artifact: Path, manifest: dict, reference: str | None, allow_pickle: bool) -> dict:
-    """Packages against transformers on the bundled sample prompts (macOS only)."""
-    import coremltools as ct
-
-    from pgexport.load import load_checkpoint
+def compare_runtime(checkpoint, vision, decoder, compress: str, samples=None) -> dict:
+    """Greedy tokens and logits of `vision` + `decoder` against transformers on the sample prompts."""
     from pgexport.runtime import prepare_inputs
     from pgexport.validate import default_samples, reference_generate
 
-    compress = manifest["options"]["compress"]
-    checkpoint = load_checkpoint(reference or manifest["source"]["checkpoint"], allow_pickle=allow_pickle)
-    vision = ct.models.MLModel(str(artifact / "vision_encoder.mlpackage"))
-    decoder = ct.models.MLModel(str(artifact / "decoder.mlpackage"))
+    size = checkpoint.config.vision_config.image_size
     rows = []
-    for image, prompt in default_samples(3):
+    for image, prompt in samples or default_samples(3):
         inputs = prepare_inputs(checkpoint.processor, [image], [prompt])
         ref_tokens, ref_logits = reference_generate(checkpoint.model, inputs, RUNTIME_NEW_TOKENS)
         ref = np.stack([step[0] for step in ref_logits])
-        tokens, logits = coreml_generate(vision, decoder, image, inputs["input_ids"], RUNTIME_NEW_TOKENS)
+        tokens, logits = coreml_generate(vision, decoder, image, inputs["input_ids"], size, RUNTIME_NEW_TOKENS)
         cosine = np.sum(ref * logits, -1) / (np.linalg.norm(ref, axis=-1) * np.linalg.norm(logits, axis=-1) + 1e-30)
         rows.append({
             "prompt": prompt,
@@ -98,6 +93,18 @@ def runtime_parity(artifact: Path, manifest: dict, reference: str | None, allow_
         failures.append(f"greedy token agreement {report['token_agreement']:.2f} < {MIN_TOKEN_AGREEMENT[compress]}")
     report["failures"], report["passed"] = failures, not failures
     return report
+
+
+def runtime_parity(artifact: Path, manifest: dict, reference: str | None, allow_pickle: bool) -> dict:
+    """The packages on the Core ML runtime against transformers (macOS only)."""
+    import coremltools as ct
+
+    from pgexport.load import load_checkpoint
+
+    checkpoint = load_checkpoint(reference or manifest["source"]["checkpoint"], allow_pickle=allow_pickle)
+    vision = ct.models.MLModel(str(artifact / "vision_encoder.mlpackage"))
+    decoder = ct.models.MLModel(str(artifact / "decoder.mlpackage"))
+    return compare_runtime(checkpoint, vision, decoder, manifest["options"]["compress"])
 
 
 def validate_coreml(artifact: str | Path, reference: str | Path | None = None, *, allow_pickle: bool = False) -> dict:
