@@ -133,6 +133,30 @@ def test_static_int8_keeps_the_demo_answers(demo, static_graphs, tmp_path):
     assert np.mean([a == b for a, b in zip(before, after)]) >= 0.95
 
 
+def test_streamed_path_matches_neural_compressor(demo, static_graphs, tmp_path):
+    """The bounded-memory path (used above 2 GiB of weights, forced here) quantizes the same
+    MatMuls as neural-compressor and keeps the demo's answers."""
+    graph = "decoder_model_merged"
+    feeds = calibration_feeds(demo, graph, limit=CALIBRATION_ROWS)
+    dst = tmp_path / f"{graph}_int8_static.onnx"
+    info = quantize_static_int8(_fp32(demo, graph), dst, feeds, progress=False, streamed=True)
+    reference = static_graphs[1][graph]
+    assert info["streamed"] and info["external_data"] == dst.name + ".data"
+    assert info["quantized_nodes"] == reference["quantized_nodes"]
+    assert _dequantized_inputs(dst) == _dequantized_inputs(static_graphs[0] / f"{graph}_int8_static.onnx")
+    rows = load_split(EVAL_FILE)
+    before = _answers(demo, rows)
+    after = _answers(_streamed_artifact(demo, tmp_path, dst), rows)
+    assert 100 * (exact_match(before, rows) - exact_match(after, rows)) <= 1.0
+    assert np.mean([a == b for a, b in zip(before, after)]) >= 0.95
+
+
+def _streamed_artifact(demo: Path, tmp_path: Path, decoder: Path) -> Path:
+    folder = _with_graphs(demo, tmp_path / "streamed", {"decoder_model_merged": decoder})
+    shutil.copy(decoder.parent / (decoder.name + ".data"), folder / "onnx")  # the .onnx names its data file
+    return folder
+
+
 def test_tuning_falls_back_until_the_target_holds(demo, static_graphs, tmp_path):
     """Metric: the gate's prefill min logits cosine vs the fp32 decoder on held-out rows. The fully
     quantized decoder misses 0.96 of it; tuning must fall nodes back to fp32 until it holds."""

@@ -22,12 +22,21 @@ ox_utils/calibration.py):
   trial per quantized node) more than twice as large.
 `exclude_nodes` keeps the named nodes in fp32 (accuracy-aware tuning passes what it fell back).
 
-Memory: neural-compressor holds the graph with its weights, a deep copy to quantize and the
-serialized bytes it hands onnxruntime (about 4-5 copies of the fp32 weights at the peak, see
-benchmarks/results/quantize_static.md for the 3B vision encoder). Graphs over 2 GB take its
-external-data path: the pre-optimized model goes through files in its workspace, which is a
-temporary folder beside `dst`, removed at the end. The output is written in that folder and
-renamed into place, the .onnx last, so a crash never leaves an .onnx that looks complete.
+Memory: neural-compressor works on whole models. It opens an onnxruntime session on the model
+just to detect the framework, then holds the graph with its weights, a deep copy to quantize and
+the serialized bytes it hands onnxruntime: 6.9 GB peak for the 1.66 GB 3B-shape vision encoder
+(benchmarks/results/quantize_static.md), about 40 GB projected for the 10 GB decoder. Its
+large-model answer, the `layer_wise_quant` recipe, splits our decoder at its blocks but fails in
+calibration: "Required inputs (['past_key_values.1.key']) are missing from input feed" (its split
+dataloader does not carry graph inputs that later blocks read). So a graph over 2 GiB of weights
+(or `streamed=True`) takes `quantize_static_int8_streamed`: the same QDQ form on MatMuls, with
+neural-compressor's scale/zero-point/quantize functions, calibrated with one onnxruntime session
+and written one tensor at a time (see its docstring). Not tuned: tune.py runs neural-compressor's
+loop, which needs the whole model.
+
+Output: written in a temporary folder beside `dst` (also neural-compressor's workspace, so no
+./nc_workspace appears) and renamed into place, the .onnx last, so a crash never leaves an .onnx
+that looks complete.
 """
 
 from __future__ import annotations
@@ -42,6 +51,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import onnx
 
 from pgexport.errors import import_optional
@@ -50,10 +60,17 @@ from pgexport.quantize.int8 import QUANTIZED_OPS, QuantizeInputError
 GRAPH_OPTIMIZATION_LEVEL = "ENABLE_BASIC"
 EXTERNAL_DATA_THRESHOLD = 3 << 29  # 1.5 GiB of tensors: weights go to dst.name + ".data" (as int8.py)
 COMPUTE_OPS = ("MatMul", "Gemm", "Conv")  # the ops whose int8 form does the work; the rest only carry int8
+STREAMED_THRESHOLD = 2 << 30  # bytes of weights above which the graph takes the streamed path
 
 
 def quantize_static_int8(
-    src: Path, dst: Path, feeds: list[dict], *, exclude_nodes: Sequence[str] = (), progress: bool = True
+    src: Path,
+    dst: Path,
+    feeds: list[dict],
+    *,
+    exclude_nodes: Sequence[str] = (),
+    progress: bool = True,
+    streamed: bool | None = None,
 ) -> dict:
     """Calibrate `src` on `feeds` and write its int8 QDQ graph at `dst` (see the module docstring).
 
@@ -62,19 +79,30 @@ def quantize_static_int8(
     "calibration_feeds": len(feeds), "bytes_before", "bytes_after", "external_data", "seconds"}.
     Raises QuantizeInputError (BadInputError) for a missing, non-ONNX or already quantized src, no
     feeds, feeds that do not match the graph's inputs, or an excluded name the graph lacks.
+    streamed: None picks by size (over 2 GiB of weights), True/False force the streamed path or
+    neural-compressor's own.
     """
     started = time.perf_counter()
     src, dst = Path(src), Path(dst)
     graph = check_source(src, feeds, exclude_nodes)
+    if streamed is None:
+        streamed = _file_bytes(src) > STREAMED_THRESHOLD
     with neural_compressor_session(dst.parent, progress) as workspace:
         from neural_compressor import quantization
 
+        if streamed:
+            quantize_static_int8_streamed(src, dst, graph, feeds, exclude_nodes, workspace)
+            return _info(src, dst, feeds, exclude_nodes, True, started) | {"streamed": True}
         source, defaults = without_overridable_initializers(src, graph, workspace)
         conf = post_training_config(graph, len(feeds), exclude_nodes)
         model = quantization.fit(str(source), conf, calib_dataloader=CalibrationLoader(feeds, defaults))
         if model is None:
             raise RuntimeError(f"neural-compressor returned no model for {src}")
         external = save(model, dst, workspace, defaults)
+    return _info(src, dst, feeds, exclude_nodes, external, started) | {"streamed": False}
+
+
+def _info(src: Path, dst: Path, feeds, exclude_nodes, external: bool, started: float) -> dict:
     return {
         **describe(dst),
         "excluded": list(exclude_nodes),
@@ -204,7 +232,7 @@ def neural_compressor_session(folder: Path, progress: bool):
     """neural-compressor's workspace in a temporary folder inside `folder` (its default is
     ./nc_workspace in the current directory) and its INFO logging only with progress; both
     restored, the folder removed."""
-    import_optional("neural_compressor", "quantize")
+    import_optional("neural_compressor", "inc")
     from neural_compressor.config import options
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -281,3 +309,172 @@ def _file_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in {path} | {path.parent / name for name in _external_files(model)})
 
 
+
+
+# ---------------------------------------------------------------------------------------------
+# the streamed path, for graphs too large for neural-compressor's whole-model passes
+
+
+def quantize_static_int8_streamed(src: Path, dst: Path, graph: onnx.ModelProto, feeds: list[dict], exclude_nodes, workspace: Path) -> None:
+    """The same QDQ form as neural-compressor's, on MatMuls with a constant 2-D weight, in bounded
+    memory: calibration is one onnxruntime session on src (its weights mapped once, the graph's
+    MatMul inputs added as outputs; min/max kept per tensor), and the output is written one tensor
+    at a time from src's data files, each weight quantized in row chunks. Scales, zero points and
+    int8 values come from neural-compressor's own functions (ox_utils/util.py: calculate_scale_zp,
+    quantize_data_with_scale_zero), activations uint8 asymmetric and weights int8 symmetric, per
+    tensor. Conv and Gemm stay fp32 here; so does everything neural-compressor would have left."""
+    import onnxruntime as ort
+    from neural_compressor.adaptor.ox_utils.util import calculate_scale_zp
+    from onnx import TensorProto, helper
+
+    initializers = {t.name: t for t in graph.graph.initializer}
+    targets = [
+        n for n in graph.graph.node
+        if n.op_type == "MatMul" and n.name not in set(exclude_nodes) and n.input[0] not in initializers
+        and n.input[1] in initializers and len(initializers[n.input[1]].dims) == 2
+        and initializers[n.input[1]].data_type == TensorProto.FLOAT
+    ]
+    activations = sorted({n.input[0] for n in targets})
+
+    # Calibration: every activation a target MatMul reads, as an extra graph output.
+    augmented = onnx.ModelProto.FromString(graph.SerializeToString())
+    present = {o.name for o in augmented.graph.output}
+    augmented.graph.output.extend(helper.ValueInfoProto(name=a) for a in activations if a not in present)
+    calibration = workspace / "calibration"
+    calibration.mkdir()
+    for location in _external_files(graph):
+        (calibration / location).symlink_to((src.parent / location).resolve())
+    onnx.save(augmented, str(calibration / src.name))
+    del augmented
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # as neural-compressor calibrates
+    session = ort.InferenceSession(str(calibration / src.name), options, providers=["CPUExecutionProvider"])
+    ranges = {a: [0.0, 0.0] for a in activations}  # min(.., 0), max(.., 0): zero stays exact
+    for feed in feeds:
+        for name, value in zip(activations, session.run(activations, feed)):
+            if value.size:
+                ranges[name] = [min(ranges[name][0], float(value.min())), max(ranges[name][1], float(value.max()))]
+    del session
+
+    # The QDQ graph: one Quantize/Dequantize pair per activation, one DequantizeLinear per weight.
+    new_initializers, weights = [], {}
+    for name in activations:
+        scale, zero_point = calculate_scale_zp(ranges[name][0], ranges[name][1], 255, TensorProto.UINT8, "asym")
+        new_initializers += [
+            helper.make_tensor(f"{name}_scale", TensorProto.FLOAT, [], [float(scale)]),
+            helper.make_tensor(f"{name}_zero_point", TensorProto.UINT8, [], [int(zero_point)]),
+        ]
+    quantize_nodes = {
+        name: [
+            helper.make_node("QuantizeLinear", [name, f"{name}_scale", f"{name}_zero_point"], [f"{name}_quantized"], name=f"{name}_QuantizeLinear"),
+            helper.make_node("DequantizeLinear", [f"{name}_quantized", f"{name}_scale", f"{name}_zero_point"], [f"{name}_dequantized"], name=f"{name}_DequantizeLinear"),
+        ]
+        for name in activations
+    }
+    for node in targets:
+        weight = node.input[1]
+        if weight not in weights:
+            weights[weight] = f"{weight}_quantized"
+            quantize_nodes.setdefault(weight, []).append(
+                helper.make_node("DequantizeLinear", [f"{weight}_quantized", f"{weight}_scale", f"{weight}_zero_point"], [f"{weight}_dequantized"], name=f"{weight}_DequantizeLinear")
+            )
+    rewritten, placed, target_ids = [], set(), {id(n) for n in targets}
+    for node in graph.graph.node:
+        if id(node) in target_ids:
+            for tensor in (node.input[0], node.input[1]):
+                if tensor not in placed:
+                    rewritten += quantize_nodes[tensor]
+                    placed.add(tensor)
+            node.input[0], node.input[1] = f"{node.input[0]}_dequantized", f"{node.input[1]}_dequantized"
+            node.name = f"{node.name}_quant"
+        rewritten.append(node)
+    graph.graph.ClearField("node")
+    graph.graph.node.extend(rewritten)
+    _write_streamed(src, dst, graph, weights, new_initializers, workspace)
+
+
+def _write_streamed(src: Path, dst: Path, graph: onnx.ModelProto, weights: dict, extra: list, workspace: Path) -> None:
+    """Write `graph` at dst with every initializer's data in dst.name + ".data", read from src's
+    files one tensor (weights: row chunks) at a time; the fp32 weights named in `weights` become
+    int8 (+ scale and zero point), as neural-compressor quantizes a per-tensor symmetric weight."""
+    from neural_compressor.adaptor.ox_utils.util import calculate_scale_zp, quantize_data_with_scale_zero
+    from onnx import TensorProto, helper
+
+    data_name = dst.name + ".data"
+    staged = Path(tempfile.mkdtemp(prefix="streamed.", dir=workspace))
+    sources = {t.name: t for t in graph.graph.initializer}
+    graph.graph.ClearField("initializer")
+    with open(staged / data_name, "wb") as out:
+
+        def put(name: str, data_type: int, dims, chunks) -> None:
+            offset = out.tell()
+            for chunk in chunks:
+                out.write(np.ascontiguousarray(chunk).tobytes())
+            tensor = TensorProto(name=name, data_type=data_type, dims=list(dims))
+            tensor.data_location = TensorProto.EXTERNAL
+            for key, value in (("location", data_name), ("offset", str(offset)), ("length", str(out.tell() - offset))):
+                tensor.external_data.add(key=key, value=value)
+            graph.graph.initializer.append(tensor)
+            out.seek(-(out.tell() % 64) % 64 + out.tell())  # 64-byte alignment for the next tensor
+
+        for name, tensor in sources.items():
+            if name in weights:
+                rows, columns = tensor.dims
+                low = high = 0.0
+                for chunk in _rows(tensor, src.parent):
+                    low, high = min(low, float(chunk.min())), max(high, float(chunk.max()))
+                scale, zero_point = calculate_scale_zp(low, high, 254, TensorProto.INT8, "sym")
+                graph.graph.initializer.extend([
+                    helper.make_tensor(f"{name}_scale", TensorProto.FLOAT, [], [float(scale)]),
+                    helper.make_tensor(f"{name}_zero_point", TensorProto.INT8, [], [int(zero_point)]),
+                ])
+                chunks = (quantize_data_with_scale_zero(c, TensorProto.INT8, "sym", scale, zero_point) for c in _rows(tensor, src.parent))
+                put(weights[name], TensorProto.INT8, (rows, columns), chunks)
+            elif tensor.data_location == TensorProto.EXTERNAL:
+                put(name, tensor.data_type, tensor.dims, _raw_chunks(tensor, src.parent))
+            else:
+                graph.graph.initializer.append(tensor)
+        out.flush()
+        os.fsync(out.fileno())
+    graph.graph.initializer.extend(extra)
+    onnx.save(graph, str(staged / dst.name))
+    os.replace(staged / data_name, dst.parent / data_name)
+    os.replace(staged / dst.name, dst)
+    shutil.rmtree(staged, ignore_errors=True)
+
+
+CHUNK_BYTES = 64 << 20
+
+
+def _external(tensor, base: Path) -> tuple[Path, int, int]:
+    info = {e.key: e.value for e in tensor.external_data}
+    return base / info["location"], int(info.get("offset", 0)), int(info["length"])
+
+
+def _raw_chunks(tensor, base: Path):
+    path, offset, length = _external(tensor, base)
+    with open(path, "rb") as f:
+        f.seek(offset)
+        while length > 0:
+            chunk = f.read(min(CHUNK_BYTES, length))
+            length -= len(chunk)
+            yield np.frombuffer(chunk, dtype=np.uint8)
+
+
+def _rows(tensor, base: Path):
+    """A 2-D float32 initializer in row chunks of about CHUNK_BYTES, inline or external."""
+    from onnx import numpy_helper
+
+    rows, columns = tensor.dims
+    step = max(1, CHUNK_BYTES // (4 * columns))
+    if tensor.data_location != onnx.TensorProto.EXTERNAL:
+        array = numpy_helper.to_array(tensor)
+        for start in range(0, rows, step):
+            yield array[start : start + step]
+        return
+    path, offset, _ = _external(tensor, base)
+    with open(path, "rb") as f:
+        for start in range(0, rows, step):
+            count = min(step, rows - start)
+            f.seek(offset + 4 * columns * start)
+            yield np.frombuffer(f.read(4 * columns * count), dtype="<f4").reshape(count, columns)
