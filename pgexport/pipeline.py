@@ -139,6 +139,7 @@ def export_onnx(
         del checkpoint  # frees the PyTorch weights before the ONNX sessions load
         if variants:
             advance(f"quantizing ({', '.join(variants)})")
+            _runtime_manifest(staging, fields)  # fp16 and calibration run the fp32 graphs
             fields["quantization"] = quantize_variants(staging, variants, quantize, progress=False)
             fields["sizes"] = size_report(staging, variants)
         write_manifest(staging, **fields, parity=None)  # the runtime reads dtypes from it
@@ -151,6 +152,15 @@ def export_onnx(
         manifest = write_manifest(staging, **fields, parity=parity)
     _raise_if_failed(parity)
     return manifest
+
+
+def _runtime_manifest(folder: Path, fields: dict) -> None:
+    """A provisional manifest.json, enough for the runtime to open the fp32 graphs (no file
+    hashes: the final manifest replaces it)."""
+    import json
+
+    provisional = {key: value for key, value in fields.items() if key not in ("files", "parity")}
+    (folder / MANIFEST).write_text(json.dumps({**provisional, "dtypes": ["fp32"], "default_dtype": "fp32"}))
 
 
 def _link_or_copy(source: Path, target: Path) -> None:
@@ -216,6 +226,7 @@ def quantize_artifact(
             del checkpoint
             evaluate = _tuning_metric(staging, reference_run)
         advance(f"quantizing ({', '.join(variants)})")
+        _runtime_manifest(staging, source_manifest)  # fp16 and calibration run the fp32 graphs
         made = quantize_variants(staging, variants, quantize, progress=progress, evaluate=evaluate)
         fields = {key: value for key, value in source_manifest.items()
                   if key not in ("versions", "files", "parity", "export_seconds")}

@@ -183,18 +183,32 @@ def test_quantize_variants_pass_the_gate(demo, tmp_path):
     assert OnnxPaliGemma(tmp_path / "mixed", dtype="q4").graph_dtypes["vision_encoder"] == "int8"
 
 
-def test_failed_gate_exits_6_and_keeps_the_report(demo, tmp_path, monkeypatch):
+def test_fp16_islands_and_a_failed_gate(demo, tmp_path, monkeypatch):
+    """fp16: islands found on real activations (the attention-mask path, float32's minimum), the
+    variant's figures within fp16's gate; then that gate made impossible (agreement > 1): exit 6,
+    the artifact written with its report."""
     import dataclasses
 
     from pgexport import validate
 
     artifact, eval_file = demo
-    monkeypatch.setitem(validate.THRESHOLDS, "q4", dataclasses.replace(validate.THRESHOLDS["q4"], min_cosine=1.0))
-    result = CliRunner().invoke(main, ["quantize", str(artifact), "-o", str(tmp_path / "out"), "--method", "q4",
+    strict = dataclasses.replace(validate.THRESHOLDS["fp16"], min_token_agreement=1.01)
+    monkeypatch.setitem(validate.THRESHOLDS, "fp16", strict)
+    result = CliRunner().invoke(main, ["quantize", str(artifact), "-o", str(tmp_path / "out"), "--method", "fp16",
                                        "--eval-file", str(eval_file)])
-    assert result.exit_code == 6 and "cosine" in result.stderr, result.output
-    report = json.loads((tmp_path / "out" / "manifest.json").read_text())["parity"]
-    assert not report["passed"] and report["hops"]["q4"]["failures"]
+    assert result.exit_code == 6 and "greedy tokens: agreement 1.000 < 1.01" in result.stderr, result.output
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    hop = manifest["parity"]["hops"]["fp16"]
+    assert hop["failures"] == ["greedy tokens: agreement 1.000 < 1.01"]  # nothing else failed
+    assert hop["tokens"]["identical"] and hop["exact_match"]["change_points"] == 0.0
+    assert min(hop["prefill"]["min_cosine"], hop["decode"]["min_cosine"]) > 0.999
+    decoder = manifest["quantization"]["decoder_model_merged/fp16"]
+    assert decoder["islands"] and all("max |x|" in why or "loses" in why for why in decoder["islands"].values())
+    assert any(why.startswith("Where") for why in decoder["islands"].values())  # the mask: float32 min
+    assert decoder["check"]["all_finite"] and decoder["check"]["min_cosine"] > 0.999
+    inputs = {i.name: i.type for i in ort.InferenceSession(str(tmp_path / "out" / "onnx" / "decoder_model_merged_fp16.onnx")).get_inputs()}
+    assert inputs["inputs_embeds"] == "tensor(float16)"
+    assert manifest["sizes"]["fp16"]["ratio"] < 0.6
 
 
 def test_bad_inputs(demo, tmp_path):
