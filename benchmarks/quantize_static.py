@@ -6,7 +6,7 @@ benchmarks/results/quantize_static.md. Prints one JSON object.
         run the parity gate against PyTorch (token agreement, logits cosine, exact-match change
         on the 200 held-out rows), then two tuning runs of the decoder: demo exact match at
         target 0.99 and the gate's prefill min logits cosine at target 0.96
-    python benchmarks/quantize_static.py graph ARTIFACT GRAPH OUT [--limit N]
+    python benchmarks/quantize_static.py graph ARTIFACT GRAPH OUT [--limit N] [--streamed]
         quantize one graph of an existing artifact (for peak memory: run it under
         benchmarks/measure.py, e.g. on the 3B-shape vision encoder)
 """
@@ -120,7 +120,7 @@ def run_demo(out: Path) -> dict:
     return result
 
 
-def run_graph(artifact: Path, graph: str, out: Path, limit: int) -> dict:
+def run_graph(artifact: Path, graph: str, out: Path, limit: int, streamed: bool | None) -> dict:
     from pgexport.quantize.calibration import calibration_feeds
     from pgexport.quantize.static import quantize_static_int8
 
@@ -128,7 +128,7 @@ def run_graph(artifact: Path, graph: str, out: Path, limit: int) -> dict:
     feeds = calibration_feeds(artifact, graph, limit=limit)
     calibration_seconds = time.perf_counter() - started
     out.mkdir(parents=True, exist_ok=True)
-    info = quantize_static_int8(artifact / "onnx" / f"{graph}.onnx", out / f"{graph}_int8_static.onnx", feeds, progress=False)
+    info = quantize_static_int8(artifact / "onnx" / f"{graph}.onnx", out / f"{graph}_int8_static.onnx", feeds, progress=False, streamed=streamed)
     info["calibration_seconds"] = round(calibration_seconds, 2)
     info["ratio"] = round(info["bytes_after"] / info["bytes_before"], 4)
     return {k: v for k, v in info.items() if k not in ("op_types", "fp32_nodes")} | {"fp32_nodes": len(info["fp32_nodes"])}
@@ -144,8 +144,9 @@ def main() -> int:
     one.add_argument("graph", choices=GRAPHS)
     one.add_argument("out", type=Path)
     one.add_argument("--limit", type=int, default=32)
+    one.add_argument("--streamed", action="store_true", default=None, help="force the streamed path (default: by size)")
     args = parser.parse_args()
-    result = run_demo(args.out) if args.mode == "demo" else run_graph(args.artifact, args.graph, args.out, args.limit)
+    result = run_demo(args.out) if args.mode == "demo" else run_graph(args.artifact, args.graph, args.out, args.limit, args.streamed)
     json.dump(result, sys.stdout, indent=1, default=str)
     print()
     return 0

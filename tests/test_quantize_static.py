@@ -88,6 +88,15 @@ def _dequantized_inputs(path: Path) -> dict[str, bool]:
     }
 
 
+def _with_external_data(src: Path, folder: Path) -> Path:
+    """A copy of the graph with its weights in an external data file, as graphs over 1 GiB are
+    exported (the rewritten copies the quantizer makes must find that file)."""
+    folder.mkdir()
+    model = onnx.load(str(src))
+    onnx.save(model, str(folder / src.name), save_as_external_data=True, location=src.name + ".data")
+    return folder / src.name
+
+
 def _lm_head(artifact: Path) -> str:
     """The decoder's last MatMul (hidden -> vocabulary logits)."""
     model = onnx.load(str(_fp32(artifact, "decoder_model_merged")))
@@ -139,7 +148,9 @@ def test_streamed_path_matches_neural_compressor(demo, static_graphs, tmp_path):
     graph = "decoder_model_merged"
     feeds = calibration_feeds(demo, graph, limit=CALIBRATION_ROWS)
     dst = tmp_path / f"{graph}_int8_static.onnx"
-    info = quantize_static_int8(_fp32(demo, graph), dst, feeds, progress=False, streamed=True)
+    src = _with_external_data(_fp32(demo, graph), tmp_path / "source")
+    info = quantize_static_int8(src, dst, feeds, progress=False, streamed=True)
+    assert sorted(p.name for p in src.parent.iterdir()) == [src.name, src.name + ".data"]  # the source untouched
     reference = static_graphs[1][graph]
     assert info["streamed"] and info["external_data"] == dst.name + ".data"
     assert info["quantized_nodes"] == reference["quantized_nodes"]
@@ -200,7 +211,8 @@ def test_excluded_nodes_stay_fp32(demo, tmp_path):
     feeds = calibration_feeds(demo, graph, limit=4)
     dst = tmp_path / "excluded.onnx"
     head = _lm_head(demo)
-    info = quantize_static_int8(_fp32(demo, graph), dst, feeds, exclude_nodes=[head], progress=False)
+    src = _with_external_data(_fp32(demo, graph), tmp_path / "source")  # and logits_to_keep: a rewritten copy
+    info = quantize_static_int8(src, dst, feeds, exclude_nodes=[head], progress=False, streamed=False)
     int8 = _dequantized_inputs(dst)
     assert not int8[head] and info["excluded"] == [head] and head in info["fp32_nodes"]
     assert sum(int8.values()) == info["quantized_nodes"] >= 20

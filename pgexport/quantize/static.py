@@ -170,7 +170,7 @@ def without_overridable_initializers(src: Path, graph: onnx.ModelProto, workspac
     remove_init_from_model_input) and onnxruntime then folds the default in as a constant. So the
     default is taken out, making it a plain input that calibration feeds, and put back in the
     output by `restore_defaults`. The rewritten graph goes into the workspace, beside links to
-    src's external data files."""
+    src's external data files (_link_data_files)."""
     from onnx import numpy_helper
 
     inputs = {i.name for i in graph.graph.input}
@@ -183,8 +183,7 @@ def without_overridable_initializers(src: Path, graph: onnx.ModelProto, workspac
         graph.graph.initializer.remove(tensor)
     folder = workspace / "source"
     folder.mkdir()
-    for location in _external_files(graph):
-        (folder / location).symlink_to((src.parent / location).resolve())
+    _link_data_files(src, graph, folder)
     onnx.save(graph, str(folder / src.name))
     return folder / src.name, defaults
 
@@ -198,6 +197,17 @@ def restore_defaults(proto: onnx.ModelProto, defaults: dict) -> None:
     proto.graph.initializer.extend(
         numpy_helper.from_array(value, name) for name, value in defaults.items() if name in inputs and name not in present
     )
+
+
+def _link_data_files(src: Path, graph: onnx.ModelProto, folder: Path) -> None:
+    """Make src's external data files visible in `folder`, for a rewritten graph saved there:
+    hard links (onnxruntime 1.32 rejects a symlink that resolves outside the model's folder), or
+    copies across file systems."""
+    for location in _external_files(graph):
+        try:
+            os.link(src.parent / location, folder / location)
+        except OSError:
+            shutil.copyfile(src.parent / location, folder / location)
 
 
 def _external_files(graph: onnx.ModelProto) -> set[str]:
@@ -344,8 +354,7 @@ def quantize_static_int8_streamed(src: Path, dst: Path, graph: onnx.ModelProto, 
     augmented.graph.output.extend(helper.ValueInfoProto(name=a) for a in activations if a not in present)
     calibration = workspace / "calibration"
     calibration.mkdir()
-    for location in _external_files(graph):
-        (calibration / location).symlink_to((src.parent / location).resolve())
+    _link_data_files(src, graph, calibration)
     onnx.save(augmented, str(calibration / src.name))
     del augmented
     options = ort.SessionOptions()
