@@ -31,6 +31,7 @@ METHODS = {  # label -> quantize_artifact arguments
     "q4 rtn b128": dict(methods=["q4"], quantize=dict(block_size=128)),
     "q4 rtn b32 acc4": dict(methods=["q4"], quantize=dict(accuracy_level=4)),
     "q4 hqq b32": dict(methods=["q4"], quantize=dict(int4_method="hqq")),
+    "q4 rtn b32, optimized graphs": dict(methods=["q4"], quantize=dict(optimize=True)),
     "vision int8, decoder+table q4": dict(graphs={"vision": "int8", "decoder": "q4", "embed": "q4"}),
     "fp16": dict(methods=["fp16"]),
 }

@@ -88,7 +88,7 @@ def main():
 @click.option("--allow-pickle", is_flag=True, help="Allow non-safetensors (pickle) weights. Never runs remote code.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON instead of a table.")
 def onnx_command(model, output, int8, int4, fp16, vision, decoder, embed, int4_method, block_size, accuracy_level,
-                 calibration, accuracy_target, opset, validate, eval_file, force, allow_pickle, as_json):
+                 calibration, accuracy_target, optimize, opset, validate, eval_file, force, allow_pickle, as_json):
     """Export MODEL to ONNX (vision_encoder, embed_tokens, decoder_model_merged) and validate it.
 
     --int8 / --int4 / --fp16 add quantized variants; --vision / --decoder / --embed set one graph's
@@ -98,7 +98,7 @@ def onnx_command(model, output, int8, int4, fp16, vision, decoder, embed, int4_m
 
     manifest = export_onnx(
         model, output, int8=int8, int4=int4, fp16=fp16, graphs={"vision": vision, "decoder": decoder, "embed": embed},
-        quantize=options_from(int4_method, block_size, accuracy_level, calibration, accuracy_target),
+        quantize=options_from(int4_method, block_size, accuracy_level, calibration, accuracy_target, optimize),
         opset=opset, validate=validate, eval_file=eval_file, force=force, allow_pickle=allow_pickle, progress=not as_json,
     )
     if as_json:

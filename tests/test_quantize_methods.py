@@ -173,13 +173,19 @@ def test_quantize_variants_pass_the_gate(demo, tmp_path):
 
     result = CliRunner().invoke(main, [
         "quantize", str(artifact), "-o", str(tmp_path / "mixed"), "--vision", "int8", "--decoder", "q4", "--embed", "q4",
-        "--int4-method", "hqq", "--eval-file", str(eval_file), "--json"])
+        "--int4-method", "hqq", "--optimize", "--eval-file", str(eval_file), "--json"])
     assert result.exit_code == 0, result.output
     manifest = json.loads(result.stdout)
     hop = manifest["parity"]["hops"]["q4"]
     assert hop["passed"] and hop["tokens"]["agreement"] >= 0.9 and hop["exact_match"]["change_points"] >= -3.0
     assert hop["decode"]["min_cosine"] > 0.99
-    assert manifest["quantization"]["decoder_model_merged/q4"]["method"] == "MatMulNBits 4-bit hqq"
+    decoder = manifest["quantization"]["decoder_model_merged/q4"]
+    assert decoder["method"] == "MatMulNBits 4-bit hqq"
+    # the optimization pass: RMSNorms and GELUs fused, within the fp32 gate, MatMuls still there to quantize
+    assert decoder["optimized"]["op_changes"]["SkipSimplifiedLayerNormalization"] > 0
+    assert decoder["optimized"]["max_rel_diff"] < 1e-4 and decoder["quantized"] > 0
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "mixed" / "onnx" / "decoder_model_merged_q4.onnx")).graph.node}
+    assert {"SkipSimplifiedLayerNormalization", "FastGelu", "MatMulNBits"} <= ops and "MatMul" in ops  # attention stays
     assert OnnxPaliGemma(tmp_path / "mixed", dtype="q4").graph_dtypes["vision_encoder"] == "int8"
 
 

@@ -52,6 +52,7 @@ class QuantizeOptions:
     accuracy_level: int | None = None  # MatMulNBits accuracy_level (4: int8 compute on CPU)
     calibration: str | None = None  # int8-static: folder or JSONL of images + prompts (None: demo samples)
     accuracy_target: float | None = None  # int8-static: accuracy-aware tuning to this share of fp32's metric
+    optimize: bool = False  # fuse norms and GELU (optimize.py) before quantizing, parity-checked
 
     def check(self) -> QuantizeOptions:
         if self.int4_method not in INT4_METHODS:
@@ -105,6 +106,22 @@ def quantize_graph(folder: Path, graph: str, precision: str, options: QuantizeOp
                    evaluate=None) -> dict:
     """Make `onnx/<graph><suffix>.onnx` of `folder` from its fp32 graph; returns the method's info."""
     src, dst = graph_path(folder, graph, "fp32"), graph_path(folder, graph, precision)
+    if options.optimize and graph != "embed_tokens":
+        from pgexport.quantize.optimize import optimize_graph
+
+        fused = src.with_name(f".{graph}_optimized.onnx")
+        try:
+            report = optimize_graph(folder, graph, src, fused)
+            info = _quantize_file(folder, graph, precision, fused, dst, options, progress, evaluate)
+        finally:
+            for leftover in (fused, fused.with_name(fused.name + ".data")):
+                leftover.unlink(missing_ok=True)
+        return {**info, "optimized": report}
+    return _quantize_file(folder, graph, precision, src, dst, options, progress, evaluate)
+
+
+def _quantize_file(folder: Path, graph: str, precision: str, src: Path, dst: Path, options: QuantizeOptions,
+                   progress: bool, evaluate) -> dict:
     if graph == "embed_tokens" and precision in ("int8", "q4"):
         from pgexport.quantize.embed import quantize_embedding
 

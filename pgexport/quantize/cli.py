@@ -22,16 +22,18 @@ def quantize_options(command):
         click.option("--accuracy-level", type=click.IntRange(0, 4), help="MatMulNBits accuracy_level (4: int8 compute, fastest on CPU)."),
         click.option("--calibration", type=click.Path(path_type=Path), help="int8-static: folder of images or JSONL of {image, prefix} (default: demo samples)."),
         click.option("--accuracy-target", type=float, help="int8-static: tune until this share of fp32's token agreement holds (e.g. 0.99)."),
+        click.option("--optimize", is_flag=True, help="Fuse norms and GELU (onnxruntime transformer fusions) before quantizing, parity-checked."),
     ]):
         command = option(command)
     return command
 
 
-def options_from(int4_method, block_size, accuracy_level, calibration, accuracy_target):
+def options_from(int4_method, block_size, accuracy_level, calibration, accuracy_target, optimize):
     from pgexport.quantize.artifact import QuantizeOptions
 
     return QuantizeOptions(int4_method=int4_method, block_size=block_size, accuracy_level=accuracy_level,
-                           calibration=str(calibration) if calibration else None, accuracy_target=accuracy_target)
+                           calibration=str(calibration) if calibration else None, accuracy_target=accuracy_target,
+                           optimize=optimize)
 
 
 def print_sizes(console, sizes: dict) -> None:
@@ -61,14 +63,14 @@ def print_sizes(console, sizes: dict) -> None:
 @click.option("--allow-pickle", is_flag=True, help="Allow non-safetensors (pickle) weights in the reference.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON instead of tables.")
 def quantize_command(artifact, output, methods, vision, decoder, embed, int4_method, block_size, accuracy_level,
-                     calibration, accuracy_target, reference, validate, eval_file, force, allow_pickle, as_json):
+                     calibration, accuracy_target, optimize, reference, validate, eval_file, force, allow_pickle, as_json):
     """Quantize the fp32 graphs of ARTIFACT into a new artifact, validated against PyTorch (exit 6 when the gate fails)."""
     from pgexport.cli import console, parity_table
     from pgexport.pipeline import quantize_artifact
 
     manifest = quantize_artifact(
         artifact, output, methods=list(methods), graphs={"vision": vision, "decoder": decoder, "embed": embed},
-        quantize=options_from(int4_method, block_size, accuracy_level, calibration, accuracy_target),
+        quantize=options_from(int4_method, block_size, accuracy_level, calibration, accuracy_target, optimize),
         reference=reference, validate=validate, eval_file=eval_file, force=force, allow_pickle=allow_pickle,
         progress=not as_json,
     )
