@@ -28,4 +28,4 @@ quantize int8 --method int8 --embed int8                          # dynamic int8
 quantize q4 --method q4                                           # MatMulNBits rtn, block 32, 4-bit table
 quantize mixed --vision int8 --decoder q4 --embed q4              # the per-graph example
 flock "$LOCK" .venv/bin/python benchmarks/quantize_demo.py --json benchmarks/results/quantize_3b_compare.json \
-  --compare "$ART" "$OUT/int8:int8" "$OUT/q4:q4" "$OUT/mixed:q4"
+  --runs 1 --tokens 8 --compare "$ART" "$OUT/int8:int8" "$OUT/q4:q4" "$OUT/mixed:q4"

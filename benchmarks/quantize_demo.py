@@ -38,9 +38,9 @@ METHODS = {  # label -> quantize_artifact arguments
 DECODE_TOKENS = 32
 
 
-def decode_ms_per_token(artifact: Path, dtype: str, runs: int = 3, threads: int = 0) -> float:
-    """Median over runs of (time for 1 + DECODE_TOKENS greedy tokens - time for 1) / DECODE_TOKENS,
-    batch 1, eos ignored: the decode steps alone, prefill excluded."""
+def decode_ms_per_token(artifact: Path, dtype: str, runs: int = 3, threads: int = 0, tokens: int = DECODE_TOKENS) -> float:
+    """Median over runs of (time for 1 + `tokens` greedy tokens - time for 1) / `tokens`, batch 1,
+    eos ignored: the decode steps alone, prefill excluded."""
     from pgexport.runtime import OnnxPaliGemma
     from pgexport.validate import default_samples
 
@@ -54,7 +54,7 @@ def decode_ms_per_token(artifact: Path, dtype: str, runs: int = 3, threads: int 
         return time.perf_counter() - started
 
     timed(2)  # warm-up
-    samples = [(timed(1 + DECODE_TOKENS) - timed(1)) / DECODE_TOKENS for _ in range(runs)]
+    samples = [(timed(1 + tokens) - timed(1)) / tokens for _ in range(runs)]
     return round(1000 * statistics.median(samples), 3)
 
 
@@ -69,14 +69,14 @@ def greedy_tokens(artifact: Path, dtype: str) -> np.ndarray:
     return tokens
 
 
-def compare(fp32: Path, targets: list[str]) -> list[dict]:
+def compare(fp32: Path, targets: list[str], runs: int = 3, tokens: int = DECODE_TOKENS) -> list[dict]:
     """Token agreement with the fp32 graphs, decode ms/token and sizes of ARTIFACT:VARIANT targets."""
     from pgexport.manifest import read_manifest
     from pgexport.quantize.artifact import size_report
     from pgexport.validate import _agreement
 
     reference = greedy_tokens(fp32, "fp32")
-    rows = [{"target": str(fp32), "dtype": "fp32", "agreement": 1.0, "decode_ms": decode_ms_per_token(fp32, "fp32"),
+    rows = [{"target": str(fp32), "dtype": "fp32", "agreement": 1.0, "decode_ms": decode_ms_per_token(fp32, "fp32", runs, tokens=tokens),
              "bytes": size_report(fp32, {})["fp32"]["total"]}]
     for target in targets:
         path, dtype = target.rsplit(":", 1)
@@ -85,7 +85,7 @@ def compare(fp32: Path, targets: list[str]) -> list[dict]:
         tokens = greedy_tokens(Path(path), dtype)
         rows.append({"target": path, "dtype": dtype, "agreement": _agreement(reference, tokens),
                      "identical": bool(np.array_equal(reference, tokens)),
-                     "decode_ms": decode_ms_per_token(Path(path), dtype), "bytes": sizes[dtype]["total"],
+                     "decode_ms": decode_ms_per_token(Path(path), dtype, runs, tokens=tokens), "bytes": sizes[dtype]["total"],
                      "ratio": sizes[dtype]["ratio"], "graphs": sizes[dtype]["graphs"]})
         print(json.dumps(rows[-1]), file=sys.stderr)
     return rows
@@ -166,9 +166,11 @@ def main() -> int:
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/quantize_demo.json"))
     parser.add_argument("--only", action="append", help="Method label(s) to run (default: all).")
     parser.add_argument("--compare", nargs="+", metavar="ARTIFACT", help="FP32_ARTIFACT then ARTIFACT:VARIANT ...")
+    parser.add_argument("--runs", type=int, default=3, help="--compare: timed runs per target.")
+    parser.add_argument("--tokens", type=int, default=DECODE_TOKENS, help="--compare: decode steps per timed run.")
     args = parser.parse_args()
     if args.compare:
-        rows = compare(Path(args.compare[0]), args.compare[1:])
+        rows = compare(Path(args.compare[0]), args.compare[1:], args.runs, args.tokens)
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
         return 0
