@@ -24,7 +24,7 @@ from pgexport.quantize.static import quantize_static_int8  # noqa: E402
 from pgexport.quantize.tune import tune_static_int8  # noqa: E402
 
 GRAPHS = ("vision_encoder", "decoder_model_merged")
-CALIBRATION_ROWS = 16
+CALIBRATION_ROWS = 32  # the default
 
 
 @pytest.fixture(scope="module")
@@ -169,8 +169,9 @@ def _streamed_artifact(demo: Path, tmp_path: Path, decoder: Path) -> Path:
 
 
 def test_tuning_falls_back_until_the_target_holds(demo, static_graphs, tmp_path):
-    """Metric: the gate's prefill min logits cosine vs the fp32 decoder on held-out rows. The fully
-    quantized decoder misses 0.96 of it; tuning must fall nodes back to fp32 until it holds."""
+    """Metric: the gate's prefill min logits cosine vs the fp32 decoder on held-out rows, target 0.99
+    (the int8 gate's min_cosine). The fully quantized decoder misses it (0.982 here); tuning must
+    fall nodes back to fp32 until it holds (here the LM head and the last MLP down-projection)."""
     graph = "decoder_model_merged"
     feeds = calibration_feeds(demo, graph, limit=CALIBRATION_ROWS)
     held_out = calibration_feeds(demo, graph, source=EVAL_FILE, limit=8)  # a JSONL source
@@ -183,16 +184,16 @@ def test_tuning_falls_back_until_the_target_holds(demo, static_graphs, tmp_path)
         calls.append(path)
         return _min_logits_cosine(reference, [session.run(["logits"], feed)[0] for feed in held_out])
 
-    target = 0.96
+    target = 0.99
     untuned = evaluate(static_graphs[0] / f"{graph}_int8_static.onnx")
     assert untuned < target, f"the untuned graph already meets the target ({untuned}): the test proves nothing"
 
     dst = tmp_path / f"{graph}_int8_static.onnx"
-    info = tune_static_int8(_fp32(demo, graph), dst, feeds, evaluate, target, progress=False, max_trials=40)
+    info = tune_static_int8(_fp32(demo, graph), dst, feeds, evaluate, target, progress=False, max_trials=60)
     assert info["baseline"] > 0.9999
     assert info["metric"] >= target * info["baseline"], info
     assert info["history"][1]["metric"] < target * info["baseline"]  # the first candidate: everything int8
-    assert 1 <= info["trials"] <= 40 and info["fell_back"], info
+    assert 1 <= info["trials"] <= 60 and info["fell_back"], info
     int8 = _dequantized_inputs(dst)
     assert all(not int8[name] for name in info["fell_back"]), info["fell_back"]
     assert sum(int8.values()) == info["quantized_nodes"] >= 20  # most of the decoder stays int8
