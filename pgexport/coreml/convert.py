@@ -3,8 +3,11 @@ described, with the files an app needs beside them. Reads like its stage list (`
 
 from __future__ import annotations
 
+import copy
 import json
+import resource
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -64,22 +67,29 @@ def read_config(model: str | Path | None, allow_pickle: bool):
     return config
 
 
+def max_rss_gb() -> float:
+    """This process's peak resident memory so far (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak * (1 if sys.platform == "darwin" else 1024) / 1e9, 2)
+
+
 def package_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
 
 
 def convert_vision_encoder(model, image_processor, target: str):
     """SigLIP + projector with the camera frame as input: an RGB ImageType whose scale and bias are
-    the processor's rescale + normalisation, so the app hands over a resized frame as is."""
+    the processor's rescale + normalisation, so the app hands over a resized frame as is. Traced in
+    fp32 (from a copy when the model is fp16), converted to fp16 compute."""
     import coremltools as ct
 
     from pgexport.coreml.wrappers import VisionEncoder, pixel_normalisation
 
     size = model.config.vision_config.image_size
     scale, bias = pixel_normalisation(image_processor)
-    vision = VisionEncoder(model).eval()
+    vision = copy.deepcopy(VisionEncoder(model)).float().eval()
     with torch.no_grad():
-        traced = torch.jit.trace(vision, torch.zeros(1, 3, size, size, dtype=model.dtype))
+        traced = torch.jit.trace(vision, torch.zeros(1, 3, size, size))
     return ct.convert(
         traced,
         inputs=[ct.ImageType("image", shape=(1, 3, size, size), scale=scale, bias=bias, color_layout=ct.colorlayout.RGB)],
@@ -264,24 +274,27 @@ def to_coreml(
             "license": LICENSE_NOTE,
             "coremltools_version": ct.__version__,
         }
+        memory = {"max_rss_gb_after_load": max_rss_gb()}
         parity = {"wrappers": None, "runtime": "not run: Core ML prediction needs macOS (pgexport validate runs it there)"}
         if validate:
             from pgexport.coreml.parity import check_wrappers
 
             advance("checking the export wrappers against transformers")
             parity["wrappers"] = check_wrappers(checkpoint.model, checkpoint.processor)
+        # fp16 weights from here on: 5.9 GB of torch weights held during conversion at 3B, not 11.7.
+        checkpoint.model.half()
         packages = {}
         for package in PACKAGES:
             advance(f"converting {package}")
             t0 = time.perf_counter()
             if package == "vision_encoder":
-                # Traced in fp32: coremltools 9 rejects SigLIP's layer_norm traced in fp16 (fp32 epsilon, fp16 gamma).
+                # Traced from an fp32 copy of the vision tower alone: coremltools 9 rejects SigLIP's
+                # layer_norm traced in fp16 (fp32 epsilon against fp16 gamma).
                 mlmodel = convert_vision_encoder(checkpoint.model, checkpoint.processor.image_processor, target)
             else:
-                # Traced in fp16: halves the memory conversion needs (5.9 GB of torch weights at 3B, not 11.7).
-                mlmodel = convert_decoder(checkpoint.model.half(), target, max_context)
+                mlmodel = convert_decoder(checkpoint.model, target, max_context)
             path = staging / f"{package}.mlpackage"
-            entry = {"convert_seconds": round(time.perf_counter() - t0, 1)}
+            entry = {"convert_seconds": round(time.perf_counter() - t0, 1), "max_rss_gb_after_convert": max_rss_gb()}
             if compress != "none":
                 scratch = staging / ".uncompressed" / path.name
                 mlmodel.save(str(scratch))
@@ -291,6 +304,7 @@ def to_coreml(
                 t0 = time.perf_counter()
                 mlmodel = compress_model(mlmodel, compress)
                 entry["compress_seconds"] = round(time.perf_counter() - t0, 1)
+                entry["max_rss_gb_after_compress"] = max_rss_gb()
             describe(mlmodel, package, fields)
             mlmodel.save(str(path))
             entry["bytes"] = package_bytes(path)
@@ -312,7 +326,7 @@ def to_coreml(
                     "hidden_size": text.hidden_size, "vocab_size": text.vocab_size}
         spec = {"expected": expected, "problems": check_spec(staging, expected)}
         advance("writing manifest")
-        fields.update(packages=packages, spec_check=spec, parity=parity,
+        fields.update(packages=packages, memory=memory, spec_check=spec, parity=parity,
                       export_seconds=round(time.perf_counter() - started, 2))
         manifest = write_manifest(staging, **fields)
     failures = (parity["wrappers"] or {}).get("failures", []) + spec["problems"]
