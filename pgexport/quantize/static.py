@@ -13,7 +13,8 @@ ox_utils/calibration.py):
   here so a graph's output does not depend on that guess;
 - runs the graph once per feed with every quantizable op's inputs and outputs added as graph
   outputs, keeping each tensor's min/max;
-- writes QuantizeLinear/DequantizeLinear pairs around each MatMul, Gemm and Conv: weights int8
+- writes QuantizeLinear/DequantizeLinear pairs on the inputs and outputs of each MatMul, Gemm and
+  Conv (the LM head's output included: logits pass through uint8): weights int8
   symmetric per output channel (neural-compressor's first choice with onnxruntime >= 1.13; per
   tensor, forced, lost 0.01 of the demo decoder's worst-position logits cosine), activations
   uint8 asymmetric per tensor.
@@ -31,8 +32,8 @@ the serialized bytes it hands onnxruntime: 6.9 GB peak for the 1.66 GB 3B-shape 
 large-model answer, the `layer_wise_quant` recipe, splits our decoder at its blocks but fails in
 calibration: "Required inputs (['past_key_values.1.key']) are missing from input feed" (its split
 dataloader does not carry graph inputs that later blocks read). So a graph over 2 GiB of weights
-(or `streamed=True`) takes `quantize_static_int8_streamed`: the same QDQ form on MatMuls, with
-neural-compressor's scale/zero-point/quantize functions, calibrated with one onnxruntime session
+(or `streamed=True`) takes `quantize_static_int8_streamed`: the same QDQ form on MatMuls, minus
+the QDQ pairs on their outputs, with neural-compressor's scale/zero-point/quantize functions, calibrated with one onnxruntime session
 and written one tensor at a time (see its docstring). Not tuned: tune.py runs neural-compressor's
 loop, which needs the whole model.
 
@@ -90,11 +91,11 @@ def quantize_static_int8(
     if streamed is None:
         streamed = _file_bytes(src) > STREAMED_THRESHOLD
     with neural_compressor_session(dst.parent, progress) as workspace:
-        from neural_compressor import quantization
-
         if streamed:
             quantize_static_int8_streamed(src, dst, graph, feeds, exclude_nodes, workspace)
             return _info(src, dst, feeds, exclude_nodes, True, started) | {"streamed": True}
+        from neural_compressor import quantization
+
         source, defaults = without_overridable_initializers(src, graph, workspace)
         conf = post_training_config(graph, len(feeds), exclude_nodes)
         model = quantization.fit(str(source), conf, calib_dataloader=CalibrationLoader(feeds, defaults))
@@ -220,14 +221,14 @@ def _external_files(graph: onnx.ModelProto) -> set[str]:
 
 def post_training_config(graph: onnx.ModelProto, calibration_size: int, exclude_nodes: Sequence[str] = (), **kwargs):
     """neural-compressor's static QDQ config for `graph`: MatMul/Gemm/Conv in int8 (min/max
-    calibration; Conv weights per channel), every other op type of the graph in fp32, the
+    calibration, weights per output channel), every other op type of the graph in fp32, the
     excluded nodes in fp32; every feed calibrates."""
     from neural_compressor import PostTrainingQuantConfig
 
     fp32 = {"activation": {"dtype": ["fp32"]}, "weight": {"dtype": ["fp32"]}}
     op_types = {op: fp32 for op in {n.op_type for n in graph.graph.node} - set(COMPUTE_OPS)}
-    for op, granularity in (("MatMul", "per_channel"), ("Gemm", "per_channel"), ("Conv", "per_channel")):
-        op_types[op] = {"activation": {"algorithm": ["minmax"]}, "weight": {"granularity": [granularity]}}
+    for op in COMPUTE_OPS:
+        op_types[op] = {"activation": {"algorithm": ["minmax"]}, "weight": {"granularity": ["per_channel"]}}
     return PostTrainingQuantConfig(
         approach="static",
         quant_format="QDQ",
@@ -279,7 +280,7 @@ def save(model, dst: Path, workspace: Path, defaults: dict | None = None) -> boo
 def write(model, path: Path, defaults: dict | None = None) -> bool:
     """onnx.save of neural-compressor's ONNXModel, or of the ModelProto its eval_func is given,
     with the weights in path.name + ".data" over 1.5 GiB and the inputs of `defaults` given their
-    initializer back; returns whether the weights went to a data file.
+    initializer back; returns whether the weights went to path.name + ".data".
 
     A large model's proto may already point at weights in neural-compressor's workspace: such a
     proto is written as is, and `path` must then be in that workspace (tune.py's candidates are)."""
@@ -291,8 +292,8 @@ def write(model, path: Path, defaults: dict | None = None) -> bool:
     if getattr(model, "is_large_model", False) and model_path:  # an ONNXModel whose weights live in its files
         load_external_data_for_model(proto, os.path.dirname(model_path))
     if any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer):
-        onnx.save_model(proto, str(path))
-        return True
+        onnx.save_model(proto, str(path))  # its weights stay in neural-compressor's files
+        return False
     external = sum(t.ByteSize() for t in proto.graph.initializer) > EXTERNAL_DATA_THRESHOLD
     onnx.save_model(
         proto, str(path), save_as_external_data=external, all_tensors_to_one_file=True,
