@@ -33,9 +33,11 @@ large-model answer, the `layer_wise_quant` recipe, splits our decoder at its blo
 calibration: "Required inputs (['past_key_values.1.key']) are missing from input feed" (its split
 dataloader does not carry graph inputs that later blocks read). So a graph over 2 GiB of weights
 (or `streamed=True`) takes `quantize_static_int8_streamed`: the same QDQ form on MatMuls, minus
-the QDQ pairs on their outputs, with neural-compressor's scale/zero-point/quantize functions, calibrated with one onnxruntime session
-and written one tensor at a time (see its docstring). Not tuned: tune.py runs neural-compressor's
-loop, which needs the whole model.
+the QDQ pairs on their outputs, with neural-compressor's scale/zero-point/quantize functions,
+calibrated with one onnxruntime session and written one tensor at a time (see its docstring):
+12.7 GB peak for the 3B decoder. (onnxruntime's quantize_static, the other candidate, also works
+on the whole model in memory.) Not tuned: tune.py runs neural-compressor's loop, which needs the
+whole model.
 
 Output: written in a temporary folder beside `dst` (also neural-compressor's workspace, so no
 ./nc_workspace appears) and renamed into place, the .onnx last, so a crash never leaves an .onnx
