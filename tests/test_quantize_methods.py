@@ -262,3 +262,27 @@ def test_calibration_folder_empty(demo, tmp_path):
                                        "--calibration", str(tmp_path / "empty"), "--no-validate"])
     assert result.exit_code == 4, result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_int8_static_with_accuracy_target(demo, tmp_path):
+    """Helper "static"'s calibrated int8 and tuning loop through `pgexport quantize`, scored by
+    the project's metric (min of greedy agreement and prefill cosine): the target holds, the
+    report says what fell back, and the gate passes."""
+    import importlib.util
+
+    if importlib.util.find_spec("pgexport.quantize.tune") is None:
+        pytest.skip("accuracy-aware tuning (helper 'static': pgexport/quantize/tune.py) is not in this tree yet")
+    artifact, eval_file = demo
+    result = CliRunner().invoke(main, ["quantize", str(artifact), "-o", str(tmp_path / "out"), "--method", "int8-static",
+                                       "--embed", "int8", "--accuracy-target", "0.99", "--eval-file", str(eval_file), "--json"])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads(result.stdout)
+    for graph in ("vision_encoder", "decoder_model_merged"):
+        tuned = manifest["quantization"][f"{graph}/int8-static"]
+        assert tuned["method"] == "static int8 (tuned)" and isinstance(tuned["fell_back"], list)
+        assert tuned["metric"] >= 0.99 * tuned["baseline"] and tuned["trials"] >= 1
+    hop = manifest["parity"]["hops"]["int8-static"]
+    assert hop["passed"] and hop["tokens"]["identical"] and hop["exact_match"]["change_points"] >= -1.0
+    assert manifest["variants"]["int8-static"]["embed_tokens"] == "int8"
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "out" / "onnx" / "decoder_model_merged_int8_static.onnx")).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
