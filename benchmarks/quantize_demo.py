@@ -165,7 +165,13 @@ def report(demo_json: Path, timing_json: Path, rss_jsonl: Path, compare_3b_json:
     """benchmarks/results/quantize.md from the JSON files the runs wrote."""
     demo = json.loads(demo_json.read_text())
     timing = {Path(r["target"]).name: r for r in json.loads(timing_json.read_text())} if timing_json.is_file() else {}
-    lines = ["## Demo model (trained, 7.6 MB fp32): against PyTorch fp32", "",
+    lines = ["# Quantization results", "",
+             "Produced by `benchmarks/quantize_demo.py` (demo model, then `--compare` for timings), "
+             "`benchmarks/quantize_3b.sh` (3B shapes) and `python benchmarks/quantize_demo.py --report "
+             "benchmarks/results/quantize.md` (this file, from the JSON beside it). Machine: 2 shared CPU cores "
+             "(AMD EPYC, avx512), 24 GB RAM, onnxruntime 1.32; other jobs ran at the same time (load 4-9), so "
+             "timings are indicative: compare rows of one table, not across tables.", "",
+             "## Demo model (trained, 7.6 MB fp32): against PyTorch fp32", "",
              "Greedy tokens: 3 left-padded samples x 16 new tokens, agreement = share of steps before the first "
              "difference. Exact match: the 200-row held-out split (reference 98.5%). Decode: ONNX Runtime CPU, "
              "batch 1, median of 5 runs of 32 steps, all rows timed in one process one after the other.", "",
