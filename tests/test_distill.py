@@ -20,7 +20,7 @@ from pgexport.cli import main
 from pgexport.demo import EVAL_FILE
 from pgexport.distill.loss import distill_loss
 from pgexport.distill.student import every_kth, init_student, student_config, teacher_key
-from pgexport.distill.train import DistillConfig, distill, work_folder
+from pgexport.distill.train import DistillConfig, distill, ends_worse, work_folder
 from pgexport.load import load_checkpoint
 
 TEACHER = "tiny-pg1-mqa4"  # 3 decoder layers, 2 vision layers
@@ -140,6 +140,8 @@ def test_run_writes_student_and_report(uninterrupted, checkpoint_factory):
     assert report["student"]["parameters"] < report["teacher"]["parameters"]
     assert report["final_loss"]["hidden"] > 0 and report["final_loss"]["kl"] > 0
     assert (out / "report.md").read_text().startswith("# Distillation report")
+    assert report["warning"] == ends_worse(report["student"]["exact_match_at_start"], report["student"]["exact_match"])
+    assert ends_worse(0.5, 0.4).startswith("the student ends worse") and ends_worse(0.5, 0.5) is None
     assert not work_folder(out).exists()  # checkpoints are removed once the student is written
     student = load_checkpoint(out).model
     assert student.config.text_config.num_hidden_layers == 1

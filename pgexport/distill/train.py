@@ -286,7 +286,8 @@ def distill(
     train_seconds = time.perf_counter() - started
 
     if step < run.total_steps:
-        return {"stopped_at": step, "total_steps": run.total_steps, "last": last, "checkpoints": str(work)}
+        stopped = {"stopped_at": step, "total_steps": run.total_steps, "last": last, "checkpoints": str(work)}
+        return stopped if main else {}
     report = {}
     if main:
         model = accelerator.unwrap_model(student).eval()
@@ -294,6 +295,13 @@ def distill(
         shutil.rmtree(work, ignore_errors=True)
     accelerator.wait_for_everyone()
     return report
+
+
+def ends_worse(start: float, final: float) -> str | None:
+    """The warning for a student whose held-out exact match fell during training (None if it did not)."""
+    if final < start:
+        return f"the student ends worse than it started: held-out exact match {final:.3f} < {start:.3f} at the start"
+    return None
 
 
 def finish(run: Run, model, state: dict, output: Path, force: bool, last: dict, steps: int, train_seconds: float) -> dict:
@@ -324,10 +332,8 @@ def finish(run: Run, model, state: dict, output: Path, force: bool, last: dict, 
     }
     report["student"]["kept_share"] = (report["student"]["exact_match"] / report["teacher"]["exact_match"]
                                        if report["teacher"]["exact_match"] else None)
-    report["warning"] = None
-    if final["exact_match"] < start_student["exact_match"]:
-        report["warning"] = (f"the student ends worse than it started: held-out exact match "
-                             f"{final['exact_match']:.3f} < {start_student['exact_match']:.3f} at the start")
+    report["warning"] = ends_worse(start_student["exact_match"], final["exact_match"])
+    if report["warning"]:
         print(f"warning: {report['warning']}")
     with staging_folder(output, force) as staging:
         model.save_pretrained(staging)
