@@ -3,6 +3,7 @@
 # PaliGemma checkpoints with real 3B shapes, on this machine: wall time and peak RSS of each run
 # (benchmarks/measure.py), package sizes from the manifest, appended to benchmarks/results/coreml.md.
 #   bash benchmarks/coreml_3b.sh [PRESET|demo] [COMPRESS...]     (default: pg1-3b-224 none int4)
+#   FLAGS=--validate bash benchmarks/coreml_3b.sh ...   also checks the wrappers against transformers (fp32) first
 # 3B runs are memory-heavy: each holds /tmp/pgexport-heavy.lock. Needs ~15 GB of free disk under $WORK.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,7 +11,8 @@ PRESET=${1:-pg1-3b-224}
 shift || true
 COMPRESS=${*:-none int4}
 WORK=${WORK:-/tmp/coreml-bench/$PRESET}
-RESULTS=benchmarks/results/coreml.jsonl
+RESULTS=$WORK/measure.jsonl  # raw measure.py lines; the table rows go to benchmarks/results/coreml.md
+FLAGS=${FLAGS:---no-validate}
 PY=${PY:-.venv/bin/python}
 PGEXPORT=${PGEXPORT:-.venv/bin/pgexport}
 mkdir -p "$WORK"
@@ -22,9 +24,9 @@ else
   [ -f "$MODEL/config.json" ] || flock /tmp/pgexport-heavy.lock $PY -m pgexport.random_model "$PRESET" "$MODEL"
 fi
 for compress in $COMPRESS; do
-  label="$PRESET: pgexport coreml --compress $compress --no-validate"
+  label="$PRESET: pgexport coreml --compress $compress $FLAGS"
   $LOCK $PY benchmarks/measure.py --label "$label" --json "$RESULTS" -- \
-    $PGEXPORT coreml $MODEL -o "$WORK/$compress" --compress "$compress" --no-validate --force --json \
+    $PGEXPORT coreml $MODEL -o "$WORK/$compress" --compress "$compress" $FLAGS --force --json \
     > "$WORK/$compress.manifest.json" 2> "$WORK/$compress.log" || true
   $PY - "$RESULTS" "$WORK/$compress.manifest.json" "$label" >> benchmarks/results/coreml.md <<'PY'
 import json, sys
