@@ -3,7 +3,7 @@
 # peak RSS (benchmarks/measure.py), sizes per graph, greedy token agreement with the fp32 graphs
 # and CPU decode ms/token (benchmarks/quantize_demo.py --compare). Each step takes the heavy lock.
 #
-#   ART=/tmp/pgexport-bench/pg1-3b-224/artifact OUT=/tmp/quant/3b benchmarks/quantize_3b.sh
+#   ART=/tmp/pgexport-bench/pg1-3b-224/artifact OUT=/tmp/quant/3b [STEPS="q4 compare"] benchmarks/quantize_3b.sh
 #
 # The gate's PyTorch reference is left out here (--no-validate): the 11.7 GB checkpoint and the
 # quantized graphs do not fit beside each other with the rest of this 24 GB machine busy; the fp32
@@ -22,10 +22,26 @@ quantize() {  # name, then pgexport quantize options
   local name=$1; shift
   flock "$LOCK" .venv/bin/python benchmarks/measure.py --label "quantize 3b $name" --json "$RESULTS" -- \
     .venv/bin/pgexport quantize "$ART" -o "$OUT/$name" "$@" --no-validate --force --json > "$OUT/$name.json"
+  .venv/bin/python - "$name" "$OUT/$name.json" <<'PY'   # sizes and per-graph method into the results
+import json, sys
+from pathlib import Path
+name, manifest = sys.argv[1], json.loads(Path(sys.argv[2]).read_text())
+out = Path("benchmarks/results/quantize_3b_sizes.json")
+sizes = json.loads(out.read_text()) if out.is_file() else {}
+variant = list(manifest["variants"])[-1]
+sizes[name] = {"variant": variant, **manifest["sizes"][variant], "fp32_total": manifest["sizes"]["fp32"]["total"],
+               "methods": {k: v["method"] for k, v in manifest["quantization"].items() if v.get("method")}}
+out.write_text(json.dumps(sizes, indent=2) + "\n")
+PY
 }
 
-quantize int8 --method int8 --embed int8                          # dynamic int8 + 8-bit table
-quantize q4 --method q4                                           # MatMulNBits rtn, block 32, 4-bit table
-quantize mixed --vision int8 --decoder q4 --embed q4              # the issue's per-graph example
-flock "$LOCK" .venv/bin/python benchmarks/quantize_demo.py --json benchmarks/results/quantize_3b_compare.json \
-  --runs 1 --tokens 8 --compare "$ART" "$OUT/int8:int8" "$OUT/q4:q4" "$OUT/mixed:q4"
+STEPS=${STEPS:-"int8 q4 mixed compare"}  # a subset reruns only those steps
+for step in $STEPS; do
+  case $step in
+    int8) quantize int8 --method int8 --embed int8 ;;                 # dynamic int8 + 8-bit table
+    q4) quantize q4 --method q4 ;;                                    # MatMulNBits rtn, block 32, 4-bit table
+    mixed) quantize mixed --vision int8 --decoder q4 --embed q4 ;;    # the issue's per-graph example
+    compare) flock "$LOCK" .venv/bin/python benchmarks/quantize_demo.py --json benchmarks/results/quantize_3b_compare.json \
+      --runs 1 --tokens 8 --compare "$ART" "$OUT/int8:int8" "$OUT/q4:q4" "$OUT/mixed:q4" ;;
+  esac
+done

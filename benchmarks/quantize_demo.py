@@ -195,22 +195,21 @@ def report(demo_json: Path, timing_json: Path, rss_jsonl: Path, compare_3b_json:
     lines += ["", "## PaliGemma-1 3B shapes (random weights, 224 px)", ""]
     rss = [json.loads(line) for line in rss_jsonl.read_text().splitlines() if line.strip()] if rss_jsonl.is_file() else []
     compared = {Path(r["target"]).name: r for r in json.loads(compare_3b_json.read_text())} if compare_3b_json.is_file() else {}
-    lines += ["| method | vision / table / decoder GB | total GB | x fp32 | quantize wall s | peak RSS GB | "
+    lines += ["| method | vision / table / decoder GB (precision) | total GB | x fp32 | quantize wall s | peak RSS GB | "
               "greedy tokens vs fp32 graphs | decode ms/token |", "|---|---|---|---|---|---|---|---|"]
     fp32 = compared.get("artifact")
     if fp32:
         lines.append(f"| fp32 | 1.66 / 2.11 / 10.03 | {fp32['bytes'] / 1e9:.2f} | 1.000 | - | - | - | {fp32['decode_ms']:.0f} |")
+    sizes_3b = json.loads(compare_3b_json.with_name("quantize_3b_sizes.json").read_text()) \
+        if compare_3b_json.with_name("quantize_3b_sizes.json").is_file() else {}
     for run in rss:
         name = run["label"].split()[-1]
-        row = compared.get(name)
-        measured = f"| {run['seconds']:.0f} | {run['peak_rss_gb']:.2f} "
-        if row is None:
-            lines.append(f"| {name} | - | - | - {measured}| - | - |")
-            continue
-        graphs = row["graphs"]
-        sizes = " / ".join(f"{graphs[g] / 1e9:.2f}" for g in ("vision_encoder", "embed_tokens", "decoder_model_merged"))
-        lines.append(f"| {name} | {sizes} | {row['bytes'] / 1e9:.2f} | {row['ratio']:.3f} {measured}"
-                     f"| {row['agreement']:.0%} | {row['decode_ms']:.0f} |")
+        size, row = sizes_3b.get(name), compared.get(name)
+        graphs = " / ".join(f"{size['graphs'][g] / 1e9:.2f}{' ' + size['precisions'][g] if size else ''}"
+                            for g in ("vision_encoder", "embed_tokens", "decoder_model_merged")) if size else "-"
+        total = f"{size['total'] / 1e9:.2f} | {size['ratio']:.3f}" if size else "- | -"
+        quality = f"{row['agreement']:.0%} | {row['decode_ms']:.0f}" if row else "- | -"
+        lines.append(f"| {name} | {graphs} | {total} | {run['seconds']:.0f} | {run['peak_rss_gb']:.2f} | {quality} |")
     text = "\n".join(lines) + "\n"
     out.write_text(text)
     return text
