@@ -210,6 +210,31 @@ def report(demo_json: Path, timing_json: Path, rss_jsonl: Path, compare_3b_json:
         total = f"{size['total'] / 1e9:.2f} | {size['ratio']:.3f}" if size else "- | -"
         quality = f"{row['agreement']:.0%} | {row['decode_ms']:.0f}" if row else "- | -"
         lines.append(f"| {name} | {graphs} | {total} | {run['seconds']:.0f} | {run['peak_rss_gb']:.2f} | {quality} |")
+    lines += ["", "## Against the issue's goals", ""]
+    for name, goal in (("int8", 0.27), ("q4", 0.18), ("mixed", 0.18)):
+        if name in sizes_3b:
+            ratio = sizes_3b[name]["ratio"]
+            lines.append(f"- 3B {name} package, token table included: {ratio:.3f}x fp32 "
+                         f"({'meets' if ratio <= goal else 'misses'} <= {goal}x).")
+    for label, limit in (("int8 + int8 table", 1), ("int8-static, tuned to 0.999", 1), ("q4 rtn b32", 3), ("q4 hqq b32", 3)):
+        if label in demo and "exact_match_change" in demo[label]:
+            change = demo[label]["exact_match_change"] + 0.0
+            lines.append(f"- demo {label}: exact-match change {change:+.1f} points "
+                         f"({'within' if -change <= limit else 'over'} the {limit}-point drop limit).")
+    lines += ["- Peak RSS of every 3B quantization is in the table (benchmarks/measure.py: process tree, /proc "
+              "sampling plus the kernel's max RSS): weights are streamed one tensor (int8) or one block-aligned "
+              "chunk (int4, tables) at a time.", "", "## Notes", "",
+              "- 3B rows: greedy agreement is against the exported fp32 graphs (which match PyTorch: "
+              "benchmarks/results/export_3b.md), on random weights; one timed run of 8 decode steps.",
+              "- hqq on the 3B decoder was not run: onnxruntime's HQQ solver (torch) took 19 s per 32 MB chunk on "
+              "this shared 2-core machine, about 100 min for the 10 GB decoder. hqq's float zero points also take a "
+              "slower MatMulNBits kernel than rtn's uint8 ones (demo decode table).",
+              "- fp16 and --optimize load a graph whole and refuse graphs over 2 GB: the 3B decoder is not covered.",
+              "- int8-static without tuning fails the int8 gate's prefill cosine (0.981 < 0.99, at the worst "
+              "position) while greedy tokens and exact match are unchanged; tuned to 0.999 it passes with the "
+              "listed MatMuls in fp32 (bigger: 0.70x). Tuning metric: min(greedy agreement, prefill cosine).",
+              "- The demo model is small (7.6 MB): per-graph overheads (graph structure, small tensors, 1,251-row "
+              "table) keep its ratios above the 3B ones, and its decode time is dominated by per-step overhead."]
     text = "\n".join(lines) + "\n"
     out.write_text(text)
     return text
