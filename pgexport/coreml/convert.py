@@ -53,7 +53,7 @@ def check_context(config, max_context: int | None) -> int:
     return context
 
 
-def read_config(model: str | Path | None, allow_pickle: bool):
+def read_config(model: str | Path | None):
     """The checkpoint's config alone (seconds, no weights), so option checks come before loading."""
     from transformers import AutoConfig
 
@@ -256,7 +256,7 @@ def to_coreml(
 
     output = Path(output)
     check_request(compress, target)
-    config = read_config(model, allow_pickle)
+    config = read_config(model)
     if config is not None:
         max_context = check_context(config, max_context)
     check_output(output, force)
