@@ -10,6 +10,9 @@ benchmarks/results/quantize_static.md. Prints one JSON object.
     python benchmarks/quantize_static.py graph ARTIFACT GRAPH OUT [--limit N] [--streamed]
         quantize one graph of an existing artifact (for peak memory: run it under
         benchmarks/measure.py, e.g. on the 3B-shape vision encoder)
+    python benchmarks/quantize_static.py compare ARTIFACT DECODER [--rows N]
+        one prefill of N held-out prompts through the artifact's fp32 decoder, then DECODER
+        (loaded one after the other): logits cosine, argmax agreement, next token
 """
 
 from __future__ import annotations
@@ -141,6 +144,35 @@ def run_graph(artifact: Path, graph: str, out: Path, limit: int, streamed: bool 
     return {k: v for k, v in info.items() if k not in ("op_types", "fp32_nodes")} | {"fp32_nodes": len(info["fp32_nodes"])}
 
 
+def run_compare(artifact: Path, candidate: Path, rows: int) -> dict:
+    """One prefill of `rows` held-out demo prompts: the artifact's fp32 decoder, then `candidate`
+    (each loaded alone, so a 3B pair never shares memory)."""
+    import gc
+
+    import onnxruntime as ort
+
+    from pgexport.demo import EVAL_FILE
+    from pgexport.quantize.calibration import calibration_feeds
+
+    feeds = calibration_feeds(artifact, "decoder_model_merged", source=EVAL_FILE, limit=rows)
+    result, logits = {}, {}
+    for name, path in (("fp32", artifact / "onnx" / "decoder_model_merged.onnx"), ("candidate", candidate)):
+        started = time.perf_counter()
+        session = ort.InferenceSession(str(path))
+        loaded = time.perf_counter()
+        logits[name] = [session.run(["logits"], feed)[0][0] for feed in feeds]
+        result[name] = {"load_seconds": round(loaded - started, 1), "prefill_seconds": round(time.perf_counter() - loaded, 1)}
+        del session
+        gc.collect()
+    pairs = list(zip(logits["fp32"], logits["candidate"]))
+    result["min_cosine_per_row"] = [
+        float((np.sum(a * b, -1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))).min()) for a, b in pairs
+    ]
+    result["argmax_agreement_per_row"] = [float((a.argmax(-1) == b.argmax(-1)).mean()) for a, b in pairs]
+    result["next_token_equal"] = [bool(a[-1].argmax() == b[-1].argmax()) for a, b in pairs]
+    return result
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="mode", required=True)
@@ -152,8 +184,17 @@ def main() -> int:
     one.add_argument("out", type=Path)
     one.add_argument("--limit", type=int, default=32)
     one.add_argument("--streamed", action="store_true", default=None, help="force the streamed path (default: by size)")
+    compare = sub.add_parser("compare")
+    compare.add_argument("artifact", type=Path)
+    compare.add_argument("candidate", type=Path, help="a decoder graph to compare with the artifact's fp32 one")
+    compare.add_argument("--rows", type=int, default=2)
     args = parser.parse_args()
-    result = run_demo(args.out) if args.mode == "demo" else run_graph(args.artifact, args.graph, args.out, args.limit, args.streamed)
+    if args.mode == "demo":
+        result = run_demo(args.out)
+    elif args.mode == "graph":
+        result = run_graph(args.artifact, args.graph, args.out, args.limit, args.streamed)
+    else:
+        result = run_compare(args.artifact, args.candidate, args.rows)
     json.dump(result, sys.stdout, indent=1, default=str)
     print()
     return 0
