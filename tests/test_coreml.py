@@ -239,3 +239,18 @@ def test_runtime_parity_loop_with_the_wrappers_in_place_of_core_ml(demo):
     report = compare_runtime(demo, _TorchVision(demo.model, demo.processor.image_processor), _TorchDecoder(demo.model), "none")
     assert report["passed"], report
     assert report["token_agreement"] == 1.0 and report["min_cosine"] > 0.9999
+
+
+def test_gemma2_converts_with_palettization(checkpoint_factory, tmp_path):
+    """PaliGemma 2 (soft-caps, sliding window, 2 KV heads) through conversion and 4-bit palettization."""
+    from pgexport.coreml.convert import to_coreml
+    from pgexport.coreml.spec import load_spec, program_ops
+
+    manifest = to_coreml(checkpoint_factory("tiny-pg2"), tmp_path / "pg2", compress="palettize4", max_context=48,
+                         validate=False, progress=False)
+    assert manifest["spec_check"]["problems"] == []
+    decoder = load_spec(tmp_path / "pg2" / "decoder.mlpackage")
+    assert list(decoder.description.state[1].type.stateType.arrayType.shape) == [3, 1, 2, 48, 18]
+    ops = program_ops(decoder)
+    assert ops["constexpr_lut_to_dense"] > 0 and ops["tanh"] >= 4  # 3 attention soft-caps + the final one
+    assert json.loads((tmp_path / "pg2" / "prompt_layout.json").read_text())["sliding_window"] == 6
