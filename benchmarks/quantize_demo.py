@@ -224,8 +224,10 @@ def report(demo_json: Path, timing_json: Path, rss_jsonl: Path, compare_3b_json:
     lines += ["- Peak RSS of every 3B quantization is in the table (benchmarks/measure.py: process tree, /proc "
               "sampling plus the kernel's max RSS): weights are streamed one tensor (int8) or one block-aligned "
               "chunk (int4, tables) at a time.", "", "## Notes", "",
-              "- 3B rows: greedy agreement is against the exported fp32 graphs (which match PyTorch: "
-              "benchmarks/results/export_3b.md), on random weights; one timed run of 8 decode steps.",
+              "- 3B rows: greedy agreement (against the exported fp32 graphs, which match PyTorch: "
+              "benchmarks/results/export_3b.md) and decode ms/token come from the script's `compare` step "
+              "(`STEPS=compare benchmarks/quantize_3b.sh`); where they show '-', that step did not get the heavy "
+              "lock before the session ended (its quantized artifacts are remade in about 2-3 min each).",
               "- hqq on the 3B decoder was not run: onnxruntime's HQQ solver (torch) took 19 s per 32 MB chunk on "
               "this shared 2-core machine, about 100 min for the 10 GB decoder. hqq's float zero points also take a "
               "slower MatMulNBits kernel than rtn's uint8 ones (demo decode table).",
