@@ -269,19 +269,22 @@ def _manifest_hash(artifact: Path) -> str:
 def _tuning_metric(folder: Path, reference):
     """The metric accuracy-aware tuning keeps, for the artifact whose `graph` is swapped for a
     candidate file (the other graphs fp32): the smaller of greedy token agreement with the
-    PyTorch reference and the gate's prefill logit cosine (worst position). Both are 1.0 for a
-    perfect graph, so a relative target of 0.99 asks what the int8 gate asks (cosine 0.99)."""
+    PyTorch reference and the gate's logit cosine for lossy precisions (worst of the positions
+    generation reads, along the reference's path). Both are 1.0 for a perfect graph, so a
+    relative target of 0.99 asks what the int8 gate asks (cosine 0.99)."""
+    import numpy as np
     import onnxruntime as ort
 
     from pgexport.runtime import OnnxPaliGemma
-    from pgexport.validate import PARITY_NEW_TOKENS, _agreement, _logit_stats, _prefill_logits
+    from pgexport.validate import PARITY_NEW_TOKENS, _agreement, _logit_stats
 
     def evaluate(graph: str, candidate: Path) -> float:
         runtime = OnnxPaliGemma(folder, dtype="fp32")
         runtime.sessions[graph] = ort.InferenceSession(str(candidate), providers=["CPUExecutionProvider"])
         inputs = reference.inputs
         tokens, _ = runtime.generate_ids(**inputs, max_new_tokens=PARITY_NEW_TOKENS, stop_at_eos=False)
-        cosine = _logit_stats(reference.prefill_logits, _prefill_logits(runtime, inputs), inputs["attention_mask"])["min_cosine"]
+        _, forced = runtime.generate_ids(**inputs, stop_at_eos=False, forced_tokens=reference.tokens, keep_logits=True)
+        cosine = _logit_stats(reference.step_logits, np.stack(forced, 1))["min_cosine"]
         return min(_agreement(reference.tokens, tokens), cosine)
 
     return evaluate

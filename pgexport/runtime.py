@@ -92,6 +92,9 @@ class OnnxPaliGemma:
         self.pad_token_id = self.processor.tokenizer.pad_token_id
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
+        # Errors only: onnxruntime warns at every load that the decoder's `logits_to_keep` is an
+        # initializer that is also an input, which is the point (exporters/onnx.py).
+        options.log_severity_level = 3
         providers = providers or ["CPUExecutionProvider"]
         self.sessions, self.graph_dtypes = {}, {}
         for graph in GRAPHS:
@@ -148,6 +151,8 @@ class OnnxPaliGemma:
         batch = input_ids.shape[0]
         decoder = self.sessions["decoder_model_merged"]
         feed = self.prefill_feed(input_ids, attention_mask, pixel_values)
+        if any(i.name == "logits_to_keep" for i in decoder.get_overridable_initializers()):
+            feed["logits_to_keep"] = np.array(1, dtype=np.int64)  # the LM head on the last prompt position only
         mask = feed["attention_mask"]
         steps = forced_tokens.shape[1] if forced_tokens is not None else max_new_tokens
         tokens, all_logits = [], []

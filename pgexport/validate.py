@@ -26,7 +26,16 @@ EVAL_MAX_NEW_TOKENS = 48
 
 @dataclass(frozen=True)
 class Thresholds:
-    """A precision's gate. max_rel_diff is max |logit difference| over the reference logit range."""
+    """A precision's gate. max_rel_diff is max |logit difference| over the reference logit range.
+
+    Exact precisions (max_rel_diff set: fp32) must match at every prompt position. For lossy ones
+    min_cosine applies to the logits generation reads: each row's last prompt position and every
+    step after it (the "decode" stats, which start at the prefill's last position). Prompt
+    positions before the last (<bos>, image tokens, the prefix) carry logits nothing reads and
+    PaliGemma never trains (its loss is on the suffix): <bos>, Gemma's attention sink with its
+    outsized activations, drops to cosine 0.97 under static int8 and image tokens to 0.88 under
+    4-bit weights on the demo model while every answer is unchanged. Their cosine is reported.
+    """
 
     max_rel_diff: float | None
     min_cosine: float
@@ -39,10 +48,7 @@ THRESHOLDS = {
     "fp16": Thresholds(max_rel_diff=None, min_cosine=0.999, min_token_agreement=0.75, max_exact_match_drop=1.0),
     "int8": Thresholds(max_rel_diff=None, min_cosine=0.99, min_token_agreement=0.5, max_exact_match_drop=2.0),
     "int8-static": Thresholds(max_rel_diff=None, min_cosine=0.99, min_token_agreement=0.5, max_exact_match_drop=2.0),
-    # 4-bit weights move logits visibly: on the demo model the worst prefill position (an image
-    # token, whose logits nothing reads) has cosine 0.88 while greedy tokens stay identical and
-    # exact match holds; greedy agreement and the exact-match drop (the issue's 3 points) decide.
-    "q4": Thresholds(max_rel_diff=None, min_cosine=0.8, min_token_agreement=0.5, max_exact_match_drop=3.0),
+    "q4": Thresholds(max_rel_diff=None, min_cosine=0.98, min_token_agreement=0.5, max_exact_match_drop=3.0),
 }
 
 
@@ -192,7 +198,7 @@ def check_hop(runtime: OnnxPaliGemma, reference: Reference, thresholds: Threshol
 
 def _failures(report: dict, limits: Thresholds) -> list[str]:
     failures = []
-    for stage in ("prefill", "decode"):
+    for stage in ("prefill", "decode") if limits.max_rel_diff is not None else ("decode",):
         stats = report[stage]
         if limits.max_rel_diff is not None and stats["max_rel_diff"] > limits.max_rel_diff:
             failures.append(f"{stage} logits: max rel diff {stats['max_rel_diff']:.2e} > {limits.max_rel_diff:.0e}")

@@ -192,7 +192,7 @@ def test_bench_stage_and_latency_gate(built, recipe, tmp_path):
                                         "max_ttft_ms, max_per_token_ms; latency gates are max_ttft_ms and max_per_token_ms"),
     ({"gates": {"max_ttft_ms": 50}}, "gates.max_ttft_ms: no bench stage measures it; add {stage: bench} to stages"),
     ({"stages": [{"stage": "onnx"}, {**BENCH, "batches": [0]}]}, "stages[1].batches: [0]; allowed: a list of batch sizes"),
-    ({"gates": {"parity": {"fp16": {"min_cosine": 0.9}}}}, "gates.parity.fp16: unknown dtype; allowed: fp32, int8"),
+    ({"gates": {"parity": {"fp8": {"min_cosine": 0.9}}}}, "gates.parity.fp8: unknown dtype; allowed: fp32, fp16, int8, int8-static, q4"),
     ({"gates": {"parity": {"int8": {"min_cosine": "high"}}}}, "gates.parity.int8.min_cosine: expected a number"),
     ({"output": None}, "output: expected a string"),
 ])
