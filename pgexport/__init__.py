@@ -2,6 +2,9 @@
 
 Python API (the CLI mirrors it one-to-one):
     export_onnx(model, output, int8=...)      checkpoint -> ONNX artifact, validated
+    quantize_artifact(artifact, output, ...)  fp32 artifact -> quantized variants, validated
+    to_coreml(model, output, ...)             checkpoint -> Core ML packages
+    distill(teacher, output, train, ...)      teacher -> smaller student checkpoint
     validate_artifact(artifact, reference)    rerun the parity gate
     OnnxPaliGemma(artifact).generate(...)     run an artifact on ONNX Runtime
     load_checkpoint(model)                    load and check a PaliGemma checkpoint
@@ -11,6 +14,9 @@ __version__ = "0.1.0"
 
 _API = {
     "export_onnx": "pgexport.pipeline",
+    "quantize_artifact": "pgexport.pipeline",
+    "to_coreml": "pgexport.coreml",
+    "distill": "pgexport.distill.train",
     "validate_artifact": "pgexport.validate",
     "OnnxPaliGemma": "pgexport.runtime",
     "load_checkpoint": "pgexport.load",

@@ -8,7 +8,7 @@
     convert_fp16(...)                 fp16 with fp32 islands measured on real activations (fp16.py)
     optimize_graph(...)               onnxruntime transformer fusions, parity-checked (optimize.py)
     quantize_static_int8, tune_static_int8, calibration_feeds   calibrated int8 (static.py, tune.py,
-                                      calibration.py: helper "static")
+                                      calibration.py)
 
 artifact.py turns those into the stage over a whole artifact (which precision each graph gets,
 the variants in the manifest, the size report); pgexport.pipeline.quantize_artifact is the spine.

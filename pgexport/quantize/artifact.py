@@ -11,7 +11,7 @@ from there (transformers.js takes the same map as its per-graph `dtype`).
 
 Methods per precision: int8 = dynamic int8 (pgexport/quantize/int8.py) for MatMul graphs and an
 8-bit GatherBlockQuantized table (embed.py) for the embedding; int8-static = calibrated QDQ int8
-(static.py, helper "static"); q4 = 4-bit MatMulNBits, rtn or hqq (int4.py), 4-bit
+(static.py); q4 = 4-bit MatMulNBits, rtn or hqq (int4.py), 4-bit
 GatherBlockQuantized for the table; fp16 = fp16.py.
 """
 
