@@ -53,6 +53,7 @@ from pgexport.quantize.int8 import (
     _Names,
     _Source,
     _subgraphs,
+    weight_problem,
     _all_tensors,
     _check_destination,
     write_model,
@@ -143,22 +144,6 @@ def quantize_int4(
     }
 
 
-def _why_not(node, initializers, graph_inputs) -> str | None:
-    a, b = node.input[0], node.input[1]
-    if b not in initializers:
-        return "weight (input B) is not a constant initializer"
-    if b in graph_inputs:
-        return "weight (input B) is also a graph input"
-    if a in initializers:
-        return "input A is a constant initializer too"
-    weight = initializers[b]
-    if weight.data_type != TensorProto.FLOAT:
-        return f"weight is {TensorProto.DataType.Name(weight.data_type)}, not FLOAT"
-    if len(weight.dims) != 2:
-        return f"weight is {len(weight.dims)}-D, not 2-D"
-    return None
-
-
 def _rewrite(model: onnx.ModelProto, block_size: int, method: str, symmetric: bool, accuracy_level) -> _Plan:
     """Replace quantizable MatMuls of the main graph by MatMulNBits; placeholders for their weights."""
     graph = model.graph
@@ -179,7 +164,7 @@ def _rewrite(model: onnx.ModelProto, block_size: int, method: str, symmetric: bo
                 plan.skipped.append({"node": node.name, "op_type": "Gemm", "reason": "Gemm is not quantized to 4 bits"})
             nodes.append(node)
             continue
-        reason = _why_not(node, initializers, graph_inputs)
+        reason = weight_problem(node, initializers, graph_inputs)
         if reason:
             plan.skipped.append({"node": node.name, "op_type": node.op_type, "reason": reason})
             nodes.append(node)

@@ -362,6 +362,12 @@ def _why_not(node, op_types, initializers, graph_inputs) -> str | None:
             return "Gemm with alpha != 1"
         if len(node.input) > 2 and node.input[2] and _attr(node, "beta", 1.0) != 1.0:
             return "Gemm with beta != 1"
+    return weight_problem(node, initializers, graph_inputs)
+
+
+def weight_problem(node, initializers, graph_inputs) -> str | None:
+    """Why `node`'s weight (input B) cannot be quantized offline, or None: it must be a constant
+    2-D float32 initializer that is not also a graph input, with a non-constant input A."""
     a, b = node.input[0], node.input[1]
     if b not in initializers:
         return "weight (input B) is not a constant initializer"
