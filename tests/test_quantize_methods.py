@@ -252,10 +252,6 @@ def test_bad_inputs(demo, tmp_path):
 
 
 def test_calibration_folder_empty(demo, tmp_path):
-    import importlib.util
-
-    if importlib.util.find_spec("pgexport.quantize.calibration") is None:
-        pytest.skip("int8-static (helper 'static': pgexport/quantize/calibration.py) is not in this tree yet")
     artifact, _ = demo
     (tmp_path / "empty").mkdir()
     result = CliRunner().invoke(main, ["quantize", str(artifact), "-o", str(tmp_path / "out"), "--method", "int8-static",
@@ -265,13 +261,9 @@ def test_calibration_folder_empty(demo, tmp_path):
 
 
 def test_int8_static_with_accuracy_target(demo, tmp_path):
-    """Helper "static"'s calibrated int8 and tuning loop through `pgexport quantize`, scored by
-    the project's metric (min of greedy agreement and prefill cosine): the target holds, the
-    report says what fell back, and the gate passes."""
-    import importlib.util
-
-    if importlib.util.find_spec("pgexport.quantize.tune") is None:
-        pytest.skip("accuracy-aware tuning (helper 'static': pgexport/quantize/tune.py) is not in this tree yet")
+    """Calibrated int8 and the tuning loop through `pgexport quantize`, scored by the project's
+    metric (min of greedy agreement and the gate's cosine): the target holds, the report says what
+    fell back, and the gate passes."""
     artifact, eval_file = demo
     result = CliRunner().invoke(main, ["quantize", str(artifact), "-o", str(tmp_path / "out"), "--method", "int8-static",
                                        "--embed", "int8", "--accuracy-target", "0.99", "--eval-file", str(eval_file), "--json"])
