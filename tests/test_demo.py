@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
-from pathlib import Path
 
 import pytest
 import torch
@@ -117,40 +114,3 @@ def test_bad_row_reports_its_line(tmp_path, bad_line, message):
 
 # transformers.js (Node) must split and join text exactly as the Python tokenizer does. Uses the
 # npm install that tests/test_transformersjs.py makes in tests/js (skipped when it is not there).
-JS_DIR = Path(__file__).parent / "js"
-TOKENIZE_JS = """
-import { AutoTokenizer, env } from "@huggingface/transformers";
-import fs from "node:fs";
-import path from "node:path";
-const [folder, casesFile] = process.argv.slice(1);
-env.allowRemoteModels = false;
-env.localModelPath = path.dirname(folder) + path.sep;
-const tokenizer = await AutoTokenizer.from_pretrained(path.basename(folder));
-const cases = JSON.parse(fs.readFileSync(casesFile, "utf8"));
-console.log(JSON.stringify({
-  encoded: cases.texts.map((text) => Array.from(tokenizer.encode(text))),
-  decoded: cases.ids.map((ids) => tokenizer.decode(ids, { skip_special_tokens: true })),
-}));
-"""
-
-
-@pytest.mark.node
-def test_transformers_js_tokenizes_like_python(demo, tmp_path):
-    node = shutil.which("node")
-    if not node or not (JS_DIR / "node_modules" / "@huggingface" / "transformers").is_dir():
-        pytest.skip("needs Node.js and transformers.js installed in tests/js")
-    _, processor = demo
-    tokenizer = processor.tokenizer
-    rows = load_split(EVAL_FILE)[:24]
-    prompt = processor.image_token * processor.image_seq_length + tokenizer.bos_token
-    texts = [prompt + r.prefix + "\n" for r in rows] + [r.suffix for r in rows] + ["what color is the octagon?", "red  circle ; x"]
-    ids = [tokenizer.encode(text) for text in texts]
-    cases = tmp_path / "cases.json"
-    cases.write_text(json.dumps({"texts": texts, "ids": ids}))
-    result = subprocess.run([node, "--input-type=module", "-e", TOKENIZE_JS, str(CHECKPOINT_DIR), str(cases)],
-                            cwd=JS_DIR, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr[-2000:]
-    js = json.loads(result.stdout.strip().splitlines()[-1])
-    assert js["encoded"] == ids
-    assert js["decoded"] == [tokenizer.decode(i, skip_special_tokens=True) for i in ids]
-    assert js["decoded"][len(rows) : 2 * len(rows)] == [r.suffix for r in rows]

@@ -9,7 +9,6 @@ binaries ship inside the package). `tests/js/generate.mjs` is the client.
 from __future__ import annotations
 
 import functools
-import importlib.util
 import json
 import shutil
 import subprocess
@@ -128,10 +127,6 @@ def assert_same_generation(js: dict, reference: dict, label: str, minimum: int =
 # The demo model: fp32 against PyTorch, int8 against pgexport's own ONNX Runtime int8 result.
 
 
-def _int8_available() -> bool:
-    return importlib.util.find_spec("pgexport.quantize.int8") is not None
-
-
 @pytest.fixture(scope="module")
 def demo_js_artifact(tmp_path_factory):
     """The demo model exported with --int8 (gate off: tests/test_demo_artifact.py covers it), and
@@ -141,7 +136,7 @@ def demo_js_artifact(tmp_path_factory):
     from pgexport.pipeline import export_onnx
 
     out = tmp_path_factory.mktemp("demo-js") / "demo"
-    export_onnx(None, out, int8=_int8_available(), validate=False, progress=False)
+    export_onnx(None, out, int8=True, validate=False, progress=False)
     tokenizer = _checkpoint(Path(CHECKPOINT_DIR)).processor.tokenizer
     longest = max(load_split(EVAL_FILE), key=lambda row: len(tokenizer(row.suffix)["input_ids"]))
     pairs = sample_inputs(3) + [(longest.open_image(), longest.prefix)]
@@ -175,8 +170,6 @@ def test_demo_fp32_stops_at_eos_like_pytorch(transformers_js, demo_js_artifact):
 
 
 def test_demo_int8_generates_like_our_runtime(transformers_js, demo_js_artifact):
-    if not _int8_available():
-        pytest.skip("pgexport.quantize.int8 is not in this tree yet: no int8 artifact to load")
     _, artifact, samples = demo_js_artifact
     for image, prompt in samples:
         js = transformers_js(artifact, image, prompt, NEW_TOKENS, dtype="int8")
@@ -209,3 +202,41 @@ def test_random_paligemma2_generates_like_pytorch(transformers_js, artifact_fact
     image = model_sized_image(image_pil, artifact, tmp_path, "pg2")
     js = transformers_js(artifact, image, prompt, NEW_TOKENS)
     assert_same_generation(js, torch_greedy(checkpoint, image, prompt, NEW_TOKENS), f"tiny-pg2 {prompt!r}")
+
+
+TOKENIZE_JS = """
+import { AutoTokenizer, env } from "@huggingface/transformers";
+import fs from "node:fs";
+import path from "node:path";
+const [folder, casesFile] = process.argv.slice(1);
+env.allowRemoteModels = false;
+env.localModelPath = path.dirname(folder) + path.sep;
+const tokenizer = await AutoTokenizer.from_pretrained(path.basename(folder));
+const cases = JSON.parse(fs.readFileSync(casesFile, "utf8"));
+console.log(JSON.stringify({
+  encoded: cases.texts.map((text) => Array.from(tokenizer.encode(text))),
+  decoded: cases.ids.map((ids) => tokenizer.decode(ids, { skip_special_tokens: true })),
+}));
+"""
+
+
+def test_transformers_js_tokenizes_like_python(transformers_js, tmp_path):
+    from transformers import AutoProcessor
+
+    from pgexport.demo import CHECKPOINT_DIR, EVAL_FILE, load_split
+
+    processor = AutoProcessor.from_pretrained(CHECKPOINT_DIR)
+    tokenizer = processor.tokenizer
+    rows = load_split(EVAL_FILE)[:24]
+    prompt = processor.image_token * processor.image_seq_length + tokenizer.bos_token
+    texts = [prompt + r.prefix + "\n" for r in rows] + [r.suffix for r in rows] + ["what color is the octagon?", "red  circle ; x"]
+    ids = [tokenizer.encode(text) for text in texts]
+    cases = tmp_path / "cases.json"
+    cases.write_text(json.dumps({"texts": texts, "ids": ids}))
+    result = subprocess.run([NODE, "--input-type=module", "-e", TOKENIZE_JS, str(CHECKPOINT_DIR), str(cases)],
+                            cwd=JS_DIR, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    js = json.loads(result.stdout.strip().splitlines()[-1])
+    assert js["encoded"] == ids
+    assert js["decoded"] == [tokenizer.decode(i, skip_special_tokens=True) for i in ids]
+    assert js["decoded"][len(rows) : 2 * len(rows)] == [r.suffix for r in rows]
