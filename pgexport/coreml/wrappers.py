@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from transformers.models.gemma.modeling_gemma import apply_rotary_pos_emb
 
-from pgexport.exporters.wrappers import VisionEncoder
+from pgexport.exporters.wrappers import VisionEncoder, set_attention_settings
 
 # Additive mask value for a blocked key: finite in fp16 (an all-blocked row gives a uniform softmax,
 # not NaN) and far enough below Gemma2's soft-capped scores (|s| <= 50) that exp() underflows to 0.
@@ -60,15 +60,7 @@ class StatefulDecoder(nn.Module):
         self.rotary_emb = text.rotary_emb
         self.lm_head = model.lm_head
         self.image_token_id = model.config.image_token_index
-        self.head_dim = cfg.head_dim
-        self.num_heads = cfg.num_attention_heads
-        self.num_kv_heads = cfg.num_key_value_heads
-        self.scaling = getattr(cfg, "query_pre_attn_scalar", cfg.head_dim) ** -0.5
-        self.attn_softcap = getattr(cfg, "attn_logit_softcapping", None)
-        self.final_softcap = getattr(cfg, "final_logit_softcapping", None)
-        layer_types = getattr(cfg, "layer_types", None) or ["full_attention"] * cfg.num_hidden_layers
-        window = getattr(cfg, "sliding_window", None)
-        self.windows = [window if kind == "sliding_attention" else None for kind in layer_types]
+        set_attention_settings(self, cfg)
         dtype = text.embed_tokens.weight.dtype
         shape = (cfg.num_hidden_layers, 1, self.num_kv_heads, max_context, self.head_dim)
         self.register_buffer("key_cache", torch.zeros(shape, dtype=dtype))

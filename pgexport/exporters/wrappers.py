@@ -40,6 +40,20 @@ class EmbedTokens(nn.Module):
         return self.embed_tokens(input_ids)
 
 
+def set_attention_settings(module: nn.Module, cfg) -> None:
+    """The Gemma / Gemma2 attention constants a hand-written decoder needs, set on `module`."""
+    module.head_dim = cfg.head_dim
+    module.num_heads = cfg.num_attention_heads
+    module.num_kv_heads = cfg.num_key_value_heads
+    # Gemma scales queries by head_dim**-0.5, Gemma2 by query_pre_attn_scalar**-0.5.
+    module.scaling = getattr(cfg, "query_pre_attn_scalar", cfg.head_dim) ** -0.5
+    module.attn_softcap = getattr(cfg, "attn_logit_softcapping", None)
+    module.final_softcap = getattr(cfg, "final_logit_softcapping", None)
+    layer_types = getattr(cfg, "layer_types", None) or ["full_attention"] * cfg.num_hidden_layers
+    window = getattr(cfg, "sliding_window", None)
+    module.windows = [window if kind == "sliding_attention" else None for kind in layer_types]
+
+
 class Decoder(nn.Module):
     """One graph for prefill and decode: (inputs_embeds, attention_mask, position_ids, past) ->
     (logits, *present), past and present as [key_0, value_0, key_1, ...].
@@ -60,17 +74,7 @@ class Decoder(nn.Module):
         self.norm = text.norm
         self.rotary_emb = text.rotary_emb
         self.lm_head = model.lm_head
-        cfg = self.config
-        self.head_dim = cfg.head_dim
-        self.num_heads = cfg.num_attention_heads
-        self.num_kv_heads = cfg.num_key_value_heads
-        # Gemma scales queries by head_dim**-0.5, Gemma2 by query_pre_attn_scalar**-0.5.
-        self.scaling = getattr(cfg, "query_pre_attn_scalar", cfg.head_dim) ** -0.5
-        self.attn_softcap = getattr(cfg, "attn_logit_softcapping", None)
-        self.final_softcap = getattr(cfg, "final_logit_softcapping", None)
-        layer_types = getattr(cfg, "layer_types", None) or ["full_attention"] * cfg.num_hidden_layers
-        window = getattr(cfg, "sliding_window", None)
-        self.windows = [window if kind == "sliding_attention" else None for kind in layer_types]
+        set_attention_settings(self, self.config)
 
     def _masks(self, attention_mask: torch.Tensor, q_len: int, dtype: torch.dtype) -> dict:
         kv_len = attention_mask.shape[1]
