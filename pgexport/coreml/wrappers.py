@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from transformers.models.gemma.modeling_gemma import apply_rotary_pos_emb
 
-from pgexport.exporters.wrappers import VisionEncoder, set_attention_settings
+from pgexport.exporters.wrappers import VisionEncoder, finish_layer, set_attention_settings
 
 # Additive mask value for a blocked key: finite in fp16 (an all-blocked row gives a uniform softmax,
 # not NaN) and far enough below Gemma2's soft-capped scores (|s| <= 50) that exp() underflows to 0.
@@ -129,12 +129,7 @@ class StatefulDecoder(nn.Module):
         for i, layer in enumerate(self.layers):
             residual = hidden
             attn_out = self._attention(i, layer, layer.input_layernorm(hidden), cos, sin, masks[self.windows[i]], end)
-            if hasattr(layer, "pre_feedforward_layernorm"):  # Gemma2: norms around both sublayers
-                hidden = residual + layer.post_attention_layernorm(attn_out)
-                hidden = hidden + layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(hidden)))
-            else:
-                hidden = residual + attn_out
-                hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+            hidden = finish_layer(layer, residual, attn_out)
         logits = self.lm_head(self.norm(hidden[:, -1:]))
         if self.final_softcap is not None:
             logits = torch.tanh(logits / self.final_softcap) * self.final_softcap

@@ -54,6 +54,15 @@ def set_attention_settings(module: nn.Module, cfg) -> None:
     module.windows = [window if kind == "sliding_attention" else None for kind in layer_types]
 
 
+def finish_layer(layer, residual: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
+    """A decoder layer after its attention: residual adds, norms and the MLP."""
+    if hasattr(layer, "pre_feedforward_layernorm"):  # Gemma2: norms around both sublayers
+        hidden = residual + layer.post_attention_layernorm(attn_out)
+        return hidden + layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(hidden)))
+    hidden = residual + attn_out
+    return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+
+
 class Decoder(nn.Module):
     """One graph for prefill and decode: (inputs_embeds, attention_mask, position_ids, past) ->
     (logits, *present), past and present as [key_0, value_0, key_1, ...].
@@ -125,12 +134,7 @@ class Decoder(nn.Module):
                 layer, layer.input_layernorm(hidden), cos, sin, past[2 * i], past[2 * i + 1], masks[self.windows[i]]
             )
             presents += [key, value]
-            if hasattr(layer, "pre_feedforward_layernorm"):  # Gemma2: norms around both sublayers
-                hidden = residual + layer.post_attention_layernorm(attn_out)
-                hidden = hidden + layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(hidden)))
-            else:
-                hidden = residual + attn_out
-                hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+            hidden = finish_layer(layer, residual, attn_out)
         logits = self.lm_head(self.norm(hidden))
         if self.final_softcap is not None:
             logits = torch.tanh(logits / self.final_softcap) * self.final_softcap

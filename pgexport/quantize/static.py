@@ -60,7 +60,7 @@ import numpy as np
 import onnx
 
 from pgexport.errors import import_optional
-from pgexport.quantize.int8 import QUANTIZED_OPS, QuantizeInputError
+from pgexport.quantize.int8 import QUANTIZED_OPS, QuantizeInputError, _load
 
 GRAPH_OPTIMIZATION_LEVEL = "ENABLE_BASIC"
 EXTERNAL_DATA_THRESHOLD = 3 << 29  # 1.5 GiB of tensors: weights go to dst.name + ".data" (as int8.py)
@@ -125,14 +125,7 @@ def _info(src: Path, dst: Path, feeds, exclude_nodes, external: bool, started: f
 
 def check_source(src: Path, feeds: list[dict], exclude_nodes: Sequence[str] = ()) -> onnx.ModelProto:
     """The graph (without its weights) after checking src, the feeds and the excluded names."""
-    if not src.is_file():
-        raise QuantizeInputError(f"{src}: no such file")
-    try:
-        model = onnx.load(str(src), load_external_data=False)
-    except Exception as error:  # protobuf's DecodeError and friends
-        raise QuantizeInputError(f"{src}: not an ONNX model ({type(error).__name__}: {error})") from None
-    if not model.graph.node:
-        raise QuantizeInputError(f"{src}: not an ONNX model (no nodes)")
+    model = _load(src)  # the graph without its weights; QuantizeInputError for a missing or non-ONNX file
     found = sorted({n.op_type for n in model.graph.node if n.op_type in QUANTIZED_OPS or n.op_type.startswith("QLinear")})
     if found:
         raise QuantizeInputError(f"{src}: already quantized (contains {', '.join(found)})")
