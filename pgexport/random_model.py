@@ -42,8 +42,14 @@ PRESETS = {
 }
 
 
-def random_checkpoint(preset: str, output: str | Path, seed: int = 0) -> Path:
-    """Write a random-weight checkpoint of `preset` shapes (safetensors + processor) to `output`."""
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def random_checkpoint(preset: str, output: str | Path, seed: int = 0, dtype: str = "fp32") -> Path:
+    """Write a random-weight checkpoint of `preset` shapes (safetensors + processor) to `output`.
+
+    `dtype` "bf16" halves the files (a GPU benchmark loads bf16 anyway); the weights are the fp32
+    draw rounded."""
     from pgexport.demo import CHECKPOINT_DIR
 
     if preset not in PRESETS:
@@ -61,7 +67,7 @@ def random_checkpoint(preset: str, output: str | Path, seed: int = 0) -> Path:
         vocab_size=vocab_size,
     )
     torch.manual_seed(seed)
-    model = PaliGemmaForConditionalGeneration(config).eval()
+    model = PaliGemmaForConditionalGeneration(config).eval().to(DTYPES[dtype])
     output = Path(output)
     model.save_pretrained(output)
     model.generation_config.save_pretrained(output)
@@ -74,15 +80,16 @@ def random_checkpoint(preset: str, output: str | Path, seed: int = 0) -> Path:
 
 
 def main(argv=None):
-    """python -m pgexport.random_model PRESET OUTPUT [--seed N]"""
+    """python -m pgexport.random_model PRESET OUTPUT [--seed N] [--dtype fp32|bf16]"""
     import argparse
 
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("preset", choices=sorted(PRESETS))
     parser.add_argument("output", type=Path)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     args = parser.parse_args(argv)
-    print(random_checkpoint(args.preset, args.output, args.seed))
+    print(random_checkpoint(args.preset, args.output, args.seed, args.dtype))
 
 
 if __name__ == "__main__":
