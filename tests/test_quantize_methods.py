@@ -217,6 +217,38 @@ def test_fp16_islands_and_a_failed_gate(demo, tmp_path, monkeypatch):
     assert manifest["sizes"]["fp16"]["ratio"] < 0.6
 
 
+def test_fp16_of_a_graph_with_external_data(demo, tmp_path, monkeypatch):
+    """The path the 3B decoder takes (its weights in a .data file, too large for one protobuf):
+    the probe runs on hard links to the source's data, the fp16 weights are written as external
+    data, and the islands and figures are those of the same graph stored inline."""
+    import pgexport.exporters.onnx as exporter
+    from pgexport.quantize.fp16 import convert_fp16
+    from pgexport.quantize.optimize import optimize_graph
+
+    artifact, _ = demo
+    folder = tmp_path / "art"
+    shutil.copytree(artifact, folder)
+    src = folder / "onnx" / "decoder_model_merged.onnx"
+    inline = convert_fp16(folder, "decoder_model_merged", src, tmp_path / "inline" / "decoder_fp16.onnx", progress=False)
+    fused_inline = optimize_graph(folder, "decoder_model_merged", src, tmp_path / "inline" / "decoder_opt.onnx")
+    onnx.save(onnx.load(str(src)), str(src), save_as_external_data=True, location=src.name + ".data")
+    assert (folder / "onnx" / (src.name + ".data")).stat().st_size > 4 * src.stat().st_size
+    before = sorted(p.name for p in (folder / "onnx").iterdir())
+    monkeypatch.setattr(exporter, "EXTERNAL_DATA_THRESHOLD", 0)  # as a graph over 1 GiB
+    dst = tmp_path / "external" / "decoder_fp16.onnx"
+    report = convert_fp16(folder, "decoder_model_merged", src, dst, progress=False)
+    assert sorted(p.name for p in (folder / "onnx").iterdir()) == before  # nothing left beside the source
+    assert sorted(p.name for p in dst.parent.iterdir()) == ["decoder_fp16.onnx", "decoder_fp16.onnx.data"]
+    assert report["islands"] == inline["islands"] and report["islands"]
+    assert report["check"]["all_finite"] and report["check"]["min_cosine"] == pytest.approx(inline["check"]["min_cosine"], abs=1e-6)
+    assert report["bytes_after"] == pytest.approx(inline["bytes_after"], rel=0.02)  # fp16 either way
+    assert report["bytes_after"] < 0.55 * report["bytes_before"]
+    fused = optimize_graph(folder, "decoder_model_merged", src, tmp_path / "opt" / "decoder_opt.onnx")
+    assert sorted(p.name for p in (tmp_path / "opt").iterdir()) == ["decoder_opt.onnx", "decoder_opt.onnx.data"]
+    assert fused["op_changes"] == fused_inline["op_changes"] and fused["op_changes"]["SkipSimplifiedLayerNormalization"] > 0
+    assert fused["max_rel_diff"] == pytest.approx(fused_inline["max_rel_diff"], abs=1e-7) and fused["max_rel_diff"] < 1e-4
+
+
 def test_bad_inputs(demo, tmp_path):
     artifact, _ = demo
     before = verify(artifact)

@@ -13,12 +13,17 @@ stay in float32 is measured here rather than listed by op type:
    (it inserts the casts at the island borders), fp16 inputs and outputs;
 4. verify: the fp16 graph on the same inputs, every output finite and close (cosine) to fp32.
 
-The graph is loaded whole (the converter works on a ModelProto): fine for the demo model and
-SigLIP; the 3B decoder (10 GB) is not streamed here.
+Graphs over 2 GB (the 3B decoder): shapes are inferred on the file (`infer_shapes_path`), the
+probe is the graph's structure alone, saved beside hard links to its data file, and the converter
+works on the loaded weights in place, saving them as external data; the fp32 and fp16 sessions of
+the check run one after the other, so peak memory stays near one fp32 copy of the weights plus
+the probed activations.
 """
 
 from __future__ import annotations
 
+import gc
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -26,7 +31,6 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from pgexport.errors import UnsupportedError
 from pgexport.quantize.int8 import _load
 
 FP16_MAX = 65504.0
@@ -52,12 +56,31 @@ def sample_feeds(folder: Path, graph: str) -> list[dict[str, np.ndarray]]:
     return [{k: v for k, v in feed.items() if k in names}]
 
 
-def activation_ranges(model: onnx.ModelProto, feeds: list[dict]) -> dict[str, dict]:
-    """node name -> {"op", "max_abs", "fp16_rel_error"} over every float output of every node."""
+def _external_locations(model: onnx.ModelProto) -> set[str]:
+    return {entry.value for tensor in model.graph.initializer for entry in tensor.external_data if entry.key == "location"}
+
+
+def _link_data(model: onnx.ModelProto, source_dir: Path, target_dir: Path) -> None:
+    """Make `model`'s external data files (relative to source_dir) visible in target_dir: hard
+    links (onnxruntime refuses data paths that lead out of the model's folder), copies across
+    file systems."""
+    import shutil
+
+    for location in _external_locations(model):
+        link = target_dir / location
+        link.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(source_dir / location, link)
+        except OSError:
+            shutil.copyfile(source_dir / location, link)
+
+
+def activation_ranges(src: Path, feeds: list[dict]) -> dict[str, dict]:
+    """node name -> {"op", "max_abs", "fp16_rel_error"} over every float output of every node of
+    the graph file `src`."""
     import onnxruntime as ort
 
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
+    probe = onnx.load(str(src), load_external_data=False)
     known = {o.name for o in probe.graph.output}
     owner = {}
     for node in probe.graph.node:
@@ -67,7 +90,9 @@ def activation_ranges(model: onnx.ModelProto, feeds: list[dict]) -> dict[str, di
             owner[output] = node
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "probe.onnx"
-        onnx.save(probe, str(path), save_as_external_data=True, location="probe.onnx.data")
+        _link_data(probe, src.parent, Path(tmp))
+        onnx.save(probe, str(path))
+        del probe
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         names = [o.name for o in session.get_outputs()]
         stats: dict[str, dict] = {}
@@ -101,45 +126,85 @@ def islands(stats: dict[str, dict]) -> dict[str, str]:
     return keep
 
 
+def _load_inferred(src: Path, scratch: Path) -> onnx.ModelProto:
+    """`src` with inferred shapes and its weights loaded; shape inference runs on the file, so
+    graphs over protobuf's 2 GB work too, and nothing is written beside `src`."""
+    from onnx.external_data_helper import load_external_data_for_model
+
+    inferred = scratch / "inferred.onnx"
+    onnx.shape_inference.infer_shapes_path(str(src), str(inferred))
+    model = onnx.load(str(inferred), load_external_data=False)
+    inferred.unlink()
+    load_external_data_for_model(model, str(src.parent))
+    return model
+
+
+def _outputs(path: Path, feeds: list[dict], types: dict[str, str] | None = None) -> list[list[np.ndarray]]:
+    """Every output of the graph at `path` for each feed (float inputs cast to fp16 where the
+    graph takes fp16); the session is released before returning."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    wanted = {i.name: i.type for i in session.get_inputs()}
+    results = []
+    for feed in feeds:
+        cast = {k: v.astype(np.float16) if wanted[k] == "tensor(float16)" else v for k, v in feed.items()}
+        results.append([r.astype(np.float32) for r in session.run(None, cast)])
+    names = [o.name for o in session.get_outputs()]
+    del session
+    gc.collect()
+    return [dict(zip(names, r)) for r in results]
+
+
 def convert_fp16(folder: Path, graph: str, src: Path, dst: Path, *, progress: bool = True) -> dict:
     """fp32 graph `src` of artifact `folder` -> fp16 graph `dst` with measured fp32 islands."""
-    import onnxruntime as ort
     from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    from pgexport.exporters.onnx import EXTERNAL_DATA_THRESHOLD
 
     started = time.perf_counter()
     _load(src)  # refuses a graph that is quantized already
     data = src.with_name(src.name + ".data")
-    if src.stat().st_size + (data.stat().st_size if data.is_file() else 0) > (2 << 30) - (64 << 20):
-        raise UnsupportedError(f"{src}: fp16 conversion loads the graph whole; graphs over 2 GB are not supported yet")
-    model = onnx.load(str(src))
+    source_bytes = src.stat().st_size + (data.stat().st_size if data.is_file() else 0)
     feeds = sample_feeds(folder, graph)
-    stats = activation_ranges(model, feeds)
+    gc.collect()  # the artifact's sessions that made the feeds
+    stats = activation_ranges(src, feeds)
     keep = islands(stats)
-    converted = convert_float_to_float16(model, keep_io_types=False, node_block_list=sorted(keep))
     dst.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(converted, str(dst))
+    with tempfile.TemporaryDirectory(dir=dst.parent) as scratch:
+        model = _load_inferred(src, Path(scratch))
+    nodes = len(model.graph.node)
+    converted = convert_float_to_float16(model, keep_io_types=False, node_block_list=sorted(keep), disable_shape_infer=True)
+    del model
+    if source_bytes > EXTERNAL_DATA_THRESHOLD:  # the 3B decoder: weights beside the graph, as the export writes them
+        onnx.save(converted, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
+                  location=dst.name + ".data", size_threshold=1024)
+    else:
+        onnx.save(converted, str(dst))
+    del converted
+    gc.collect()
 
-    reference = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"])
-    candidate = ort.InferenceSession(str(dst), providers=["CPUExecutionProvider"])
-    types = {i.name: i.type for i in candidate.get_inputs()}
     check = {}
-    for feed in feeds:
-        fp16_feed = {k: v.astype(np.float16) if types[k] == "tensor(float16)" else v for k, v in feed.items()}
-        for out, want, got in zip(reference.get_outputs(), reference.run(None, feed), candidate.run(None, fp16_feed)):
-            got = got.astype(np.float32).reshape(-1, want.shape[-1]) if want.ndim else got.astype(np.float32)
-            want = want.reshape(-1, want.shape[-1]) if want.ndim else want
-            norms = np.linalg.norm(want, axis=-1) * np.linalg.norm(got, axis=-1)
-            cosine = np.where(norms > 0, np.sum(want * got, -1) / np.maximum(norms, 1e-30), 1.0)
-            check[out.name] = {"finite": bool(np.isfinite(got).all()), "min_cosine": float(np.min(cosine))}
+    for want, got in zip(_outputs(src, feeds), _outputs(dst, feeds)):
+        for name, expected in want.items():
+            actual = got[name]
+            if expected.ndim:
+                expected, actual = expected.reshape(-1, expected.shape[-1]), actual.reshape(-1, expected.shape[-1])
+            norms = np.linalg.norm(expected, axis=-1) * np.linalg.norm(actual, axis=-1)
+            cosine = np.where(norms > 0, np.sum(expected * actual, -1) / np.maximum(norms, 1e-30), 1.0)
+            entry = check.setdefault(name, {"finite": True, "min_cosine": 1.0})
+            entry["finite"] &= bool(np.isfinite(actual).all())
+            entry["min_cosine"] = min(entry["min_cosine"], float(np.min(cosine)))
     first = next(iter(check))
+    dst_data = dst.with_name(dst.name + ".data")
     return {
         "islands": keep,
-        "nodes": len(model.graph.node),
+        "nodes": nodes,
         "probed_nodes": len(stats),
         "max_abs_activation": max((e["max_abs"] for e in stats.values()), default=0.0),
         "check": {first: check[first], "all_finite": all(c["finite"] for c in check.values()),
                   "min_cosine": min(c["min_cosine"] for c in check.values())},
-        "bytes_before": src.stat().st_size,
-        "bytes_after": dst.stat().st_size,
+        "bytes_before": source_bytes,
+        "bytes_after": dst.stat().st_size + (dst_data.stat().st_size if dst_data.is_file() else 0),
         "seconds": round(time.perf_counter() - started, 3),
     }
