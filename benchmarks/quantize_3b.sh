@@ -35,13 +35,17 @@ out.write_text(json.dumps(sizes, indent=2) + "\n")
 PY
 }
 
-STEPS=${STEPS:-"int8 q4 mixed compare"}  # a subset reruns only those steps
+STEPS=${STEPS:-"int8 q4 mixed fp16 q4-optimized int8-static compare"}  # a subset reruns only those steps
 for step in $STEPS; do
   case $step in
     int8) quantize int8 --method int8 --embed int8 ;;                 # dynamic int8 + 8-bit table
     q4) quantize q4 --method q4 ;;                                    # MatMulNBits rtn, block 32, 4-bit table
     mixed) quantize mixed --vision int8 --decoder q4 --embed q4 ;;    # the per-graph example
+    fp16) quantize fp16 --method fp16 ;;                              # islands probed on the 10 GB decoder
+    q4-optimized) quantize q4-optimized --method q4 --optimize ;;     # fusions on the whole graphs first
+    int8-static) quantize int8-static --method int8-static --embed int8 ;;  # calibrated on the demo samples
     compare) flock "$LOCK" .venv/bin/python benchmarks/quantize_demo.py --json benchmarks/results/quantize_3b_compare.json \
-      --runs 1 --tokens 8 --compare "$ART" "$OUT/int8:int8" "$OUT/q4:q4" "$OUT/mixed:q4" ;;
+      --runs 1 --tokens 8 --compare "$ART" "$OUT/int8:int8" "$OUT/q4:q4" "$OUT/mixed:q4" "$OUT/fp16:fp16" \
+      "$OUT/q4-optimized:q4" "$OUT/int8-static:int8-static" ;;
   esac
 done

@@ -13,7 +13,7 @@ import onnxruntime as ort
 import pytest
 
 from pgexport.demo import EVAL_FILE, load_split
-from pgexport.errors import BadInputError, GateFailedError
+from pgexport.errors import BadInputError, GateFailedError, UnsupportedError
 from pgexport.runtime import OnnxPaliGemma, open_image
 from pgexport.validate import EVAL_MAX_NEW_TOKENS, exact_match
 
@@ -238,6 +238,20 @@ def test_bad_quantize_inputs_leave_nothing(demo, static_graphs, tmp_path):
     with pytest.raises(BadInputError, match="accuracy target"):
         tune_static_int8(_fp32(demo, graph), dst, feeds, lambda path: 1.0, 1.5, progress=False)
     assert not dst.exists() and not list(tmp_path.glob(".nc-workspace*"))
+
+
+def test_tuning_refuses_a_graph_over_2_gib(demo, tmp_path, monkeypatch):
+    """neural-compressor's tuning loop holds the whole graph in one protobuf: a graph past the
+    streamed threshold (the 3B decoder) gets exit 7 before any work, nothing written."""
+    from pgexport.quantize import static
+
+    graph = "vision_encoder"
+    feeds = calibration_feeds(demo, graph, limit=2)
+    monkeypatch.setattr(static, "STREAMED_THRESHOLD", 1)
+    dst = tmp_path / "out" / "tuned.onnx"
+    with pytest.raises(UnsupportedError, match="over 2 GiB") as error:
+        tune_static_int8(_fp32(demo, graph), dst, feeds, lambda path: 1.0, 0.99, progress=False)
+    assert error.value.exit_code == 7 and not dst.parent.exists()
 
 
 def test_bad_calibration_sources_fail_before_any_work(demo, tmp_path, monkeypatch):

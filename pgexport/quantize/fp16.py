@@ -23,7 +23,6 @@ the probed activations.
 from __future__ import annotations
 
 import gc
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -64,15 +63,11 @@ def _link_data(model: onnx.ModelProto, source_dir: Path, target_dir: Path) -> No
     """Make `model`'s external data files (relative to source_dir) visible in target_dir: hard
     links (onnxruntime refuses data paths that lead out of the model's folder), copies across
     file systems."""
-    import shutil
+    from pgexport.pipeline import _link_or_copy
 
     for location in _external_locations(model):
-        link = target_dir / location
-        link.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.link(source_dir / location, link)
-        except OSError:
-            shutil.copyfile(source_dir / location, link)
+        (target_dir / location).parent.mkdir(parents=True, exist_ok=True)
+        _link_or_copy(source_dir / location, target_dir / location)
 
 
 def activation_ranges(src: Path, feeds: list[dict]) -> dict[str, dict]:

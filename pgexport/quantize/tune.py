@@ -24,7 +24,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from pgexport.errors import BadInputError, GateFailedError
+from pgexport.errors import BadInputError, GateFailedError, UnsupportedError
+from pgexport.quantize import static
 from pgexport.quantize.static import (
     CalibrationLoader,
     check_source,
@@ -61,6 +62,10 @@ def tune_static_int8(
     if max_trials < 1:
         raise BadInputError(f"max_trials must be at least 1, got {max_trials}")
     graph = check_source(src, feeds)
+    if static._file_bytes(src) > static.STREAMED_THRESHOLD:
+        raise UnsupportedError(f"{src.name}: accuracy-aware tuning runs neural-compressor's whole-graph loop, which "
+                               "cannot hold a graph over 2 GiB (the 3B decoder); quantize it without "
+                               "--accuracy-target (the streamed path) or tune the smaller graphs only")
     history = []
     with neural_compressor_session(dst.parent, progress) as workspace:
         from neural_compressor import quantization
