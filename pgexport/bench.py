@@ -220,8 +220,9 @@ class OnnxRunner:
             providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
         self.model = OnnxPaliGemma(target.path, dtype=dtype, providers=providers, threads=settings.thread_count)
         decoder = graph_path(target.path, "decoder_model_merged", dtype)
-        self.weight_bytes, _ = graph_weight_stats(decoder if decoder.is_file() else graph_path(target.path, "decoder_model_merged", "fp32"))
-        _, self.decoder_params = graph_weight_stats(graph_path(target.path, "decoder_model_merged", "fp32"))
+        self.weight_bytes, _, self.matmul_precision = graph_weight_stats(
+            decoder if decoder.is_file() else graph_path(target.path, "decoder_model_merged", "fp32"))
+        _, self.decoder_params, _ = graph_weight_stats(graph_path(target.path, "decoder_model_merged", "fp32"))
         self.kv_itemsize = np.dtype(self.model.float_type).itemsize
 
     def run(self, inputs: dict, new_tokens: int, clock: Clock) -> Timing:
@@ -282,6 +283,7 @@ class TorchRunner:
         self.decoder_params = sum(p.numel() for p in unique.values())  # the tied LM head counts once
         self.weight_bytes = sum(p.numel() * p.element_size() for p in unique.values())
         self.kv_itemsize = self.model.lm_head.weight.element_size()
+        self.matmul_precision = dtype
         self.clock, self.stamps = Clock(settings.device), {}
         self.model.model.vision_tower.register_forward_pre_hook(self._stamp("vision_start"))
         self.model.model.multi_modal_projector.register_forward_hook(self._stamp("vision_end"))
@@ -320,8 +322,10 @@ class TorchRunner:
         return Timing(vision_end - vision_start, stamps[0] - vision_end, stamps[0] - start, list(np.diff(stamps)))
 
 
-def graph_weight_stats(path: Path) -> tuple[int, int]:
-    """(bytes, floating-point elements) of a graph's initializers, read without their external data."""
+def graph_weight_stats(path: Path) -> tuple[int, int, str]:
+    """(bytes, floating-point elements, matmul arithmetic) of a graph's initializers, read without
+    their external data. The arithmetic is "int8" where the MatMuls compute in int8 (dynamic or
+    static int8; 4-bit MatMulNBits at accuracy_level 4 quantizes its activations too), else "fp32"."""
     import onnx
 
     floating = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
@@ -331,7 +335,10 @@ def graph_weight_stats(path: Path) -> tuple[int, int]:
         count = int(np.prod(tensor.dims)) if len(tensor.dims) else 1
         total += count * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).itemsize
         params += count if tensor.data_type in floating else 0
-    return total, params
+    int8_ops = {"MatMulInteger", "DynamicQuantizeMatMul", "QLinearMatMul", "QuantizeLinear"}
+    nbits_level = {a.i for n in graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "accuracy_level"}
+    int8 = any(n.op_type in int8_ops for n in graph.node) or nbits_level == {4}
+    return total, params, "int8" if int8 else "fp32"
 
 
 def gpu_memory_used() -> int:
@@ -610,6 +617,7 @@ def decode_and_prefill_work(runner, job: Job, settings: Settings, batch: int, pr
         "kv_context": context,
         "decode_bytes": runner.weight_bytes + kv,
         "decoder_params": runner.decoder_params,
+        "matmul_precision": runner.matmul_precision,
         "prefill_tokens": batch * prompt_length,
         "prefill_flops": 2 * runner.decoder_params * batch * prompt_length,
     }
@@ -622,7 +630,8 @@ def add_floors(rows: list[dict], hardware: dict) -> None:
     bandwidth = hardware["copy_bandwidth"]["gbps_best"] * 1e9
     for row in rows:
         floor = row["floor"]
-        peak_name = row["dtype"] if row["dtype"] in hardware["matmul"] else "fp32"
+        precision = floor.get("matmul_precision", row["dtype"])  # reports written before the field: the dtype
+        peak_name = precision if precision in hardware["matmul"] else "fp32"
         peak = hardware["matmul"][peak_name]["gflops_best"] * 1e9
         floor.update({
             "bandwidth_gbps": bandwidth / 1e9,
@@ -853,7 +862,8 @@ def to_markdown(report: dict) -> str:
         f"- Speedup = the baseline's median / this row's median, same batch and resolution, same run. "
         f"Baseline: `{report['baseline']}`.",
         "- x floor = measured / floor. Decode floor: (decoder weight bytes + KV cache bytes) / copy bandwidth. "
-        "Prefill floor: 2 x decoder params x prompt tokens / matmul peak of the row's precision (fp32 where none). "
+        "Prefill floor: 2 x decoder params x prompt tokens / matmul peak of the arithmetic the row's MatMuls use "
+        "(int8 for int8 and for q4 at accuracy_level 4; fp32 where no peak of that kind was measured). "
         "Below 1: the probes got less of the shared machine than that target did.",
         "",
         "| target | engine | dtype | res | batch | load s | vision s | TTFT s | per token s p50 / p90 / p99 | tok/s "
