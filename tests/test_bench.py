@@ -92,6 +92,8 @@ def test_floors_present_and_consistent(cli_run):
     # int8 decoder weights are read as int8: under half the fp32 bytes; the KV cache grows with the batch.
     fp32, int8 = (next(r for r in report["results"] if r["engine"] == "onnxruntime" and r["dtype"] == d) for d in ("fp32", "int8"))
     assert int8["floor"]["decoder_weight_bytes"] < 0.5 * fp32["floor"]["decoder_weight_bytes"]
+    # prefill's floor is over the peak of the arithmetic the MatMuls use, read from the graph
+    assert (fp32["floor"]["matmul_peak"], int8["floor"]["matmul_peak"]) == ("fp32", "int8")
     for rows in by_label.values():
         one, two = sorted(rows, key=lambda r: r["batch"])
         assert two["floor"]["kv_cache_bytes"] == 2 * one["floor"]["kv_cache_bytes"]
@@ -179,3 +181,22 @@ def test_cli_mirrors_the_api():
     cli_names = {param.name for param in command.params}
     api_names = set(inspect.signature(bench).parameters) - {"progress"}
     assert cli_names == api_names
+
+
+@pytest.mark.parametrize("level, arithmetic", [(4, "int8"), (0, "fp32")])
+def test_q4_arithmetic_follows_accuracy_level(tmp_path, level, arithmetic):
+    """MatMulNBits at accuracy_level 4 quantizes its activations (int8 arithmetic, int8 peak);
+    at 0 it computes in the input's type."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper, save
+
+    from pgexport.bench import graph_weight_stats
+
+    weights = numpy_helper.from_array(np.zeros((8, 1, 16), np.uint8), "w")
+    scales = numpy_helper.from_array(np.ones((8,), np.float32), "s")
+    node = helper.make_node("MatMulNBits", ["x", "w", "s"], ["y"], domain="com.microsoft", K=32, N=8, bits=4,
+                            block_size=32, accuracy_level=level)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 32])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])], [weights, scales])
+    save(helper.make_model(graph), str(tmp_path / "g.onnx"))
+    assert graph_weight_stats(tmp_path / "g.onnx") == (8 * 16 + 8 * 4, 8, arithmetic)
