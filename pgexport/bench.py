@@ -55,6 +55,7 @@ class Settings:
     warmup: int = 1
     runs: int = 3
     threads: int | None = None
+    prefill_rows: int = 0
     seed: int = 0
 
     def __post_init__(self):
@@ -66,6 +67,7 @@ class Settings:
             "new_tokens": self.new_tokens >= 2,  # the first comes from prefill; at least one decode step
             "warmup": self.warmup >= 0,
             "runs": self.runs >= 1,
+            "prefill_rows": self.prefill_rows >= 0,
             "threads": self.threads is None or self.threads >= 1,
             "resolutions": self.resolutions is None or (bool(self.resolutions) and all(r > 0 for r in self.resolutions)),
         }
@@ -218,7 +220,8 @@ class OnnxRunner:
             if "CUDAExecutionProvider" not in ort.get_available_providers():
                 raise UnsupportedError("onnxruntime has no CUDA execution provider here (install onnxruntime-gpu)")
             providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
-        self.model = OnnxPaliGemma(target.path, dtype=dtype, providers=providers, threads=settings.thread_count)
+        self.model = OnnxPaliGemma(target.path, dtype=dtype, providers=providers, threads=settings.thread_count,
+                                   prefill_rows=settings.prefill_rows)
         decoder = graph_path(target.path, "decoder_model_merged", dtype)
         self.weight_bytes, _, self.matmul_precision = graph_weight_stats(
             decoder if decoder.is_file() else graph_path(target.path, "decoder_model_merged", "fp32"))
@@ -242,7 +245,7 @@ class OnnxRunner:
         feed = {"inputs_embeds": embeds.astype(model.float_type), "attention_mask": mask, "position_ids": left_pad_positions(mask)}
         if any(i.name == "logits_to_keep" for i in decoder.get_overridable_initializers()):
             feed["logits_to_keep"] = np.array(1, np.int64)  # LM head on the last prompt position only
-        outputs = decoder.run(None, {**feed, **past})
+        outputs = model.run_prefill({**feed, **past})
         token = outputs[0][:, -1].argmax(-1)
         first = clock()
         steps = []
@@ -749,6 +752,7 @@ def bench(
     warmup: int = 1,
     runs: int = 3,
     threads: int | None = None,
+    prefill_rows: int = 0,
     baseline: str | None = None,
     json_path: str | Path | None = None,
     markdown_path: str | Path | None = None,
@@ -765,7 +769,7 @@ def bench(
     settings = Settings(
         device=device, dtypes=tuple(dtypes) if dtypes else None, batches=tuple(batches or ()),
         resolutions=tuple(resolutions) if resolutions else None, prompt_tokens=prompt_tokens,
-        new_tokens=new_tokens, warmup=warmup, runs=runs, threads=threads,
+        new_tokens=new_tokens, warmup=warmup, runs=runs, threads=threads, prefill_rows=prefill_rows,
     )
     if not targets:
         raise BadInputError("give at least one target (an artifact or a checkpoint folder)")
@@ -797,6 +801,9 @@ def bench(
                     skipped.append({"target": job.target.name, "dtype": job.dtype, "engine": job.engine, "reason": str(error)})
                     continue
                 rows += [{**row, "probe_before": probe_summary(probes[-1])} for row in job_rows]
+                if json_path:  # what is done so far survives a later job that runs out of memory
+                    Path(json_path).write_text(json.dumps({"schema": SCHEMA, "partial": True, "settings": asdict(settings),
+                                                           "results": rows, "skipped": skipped}, indent=2) + "\n")
             advance("measuring copy bandwidth and matmul peaks again")
             probes.append(probe_hardware(device, threads))
     if not rows:

@@ -226,12 +226,14 @@ def build_command(recipe, output, force, as_json):
 @click.option("--warmup", type=click.IntRange(0), default=1, show_default=True, help="Untimed runs per batch size.")
 @click.option("--runs", type=click.IntRange(1), default=3, show_default=True, help="Timed runs per batch size.")
 @click.option("--threads", type=click.IntRange(1), help="CPU threads for onnxruntime and torch (default: every usable CPU).")
+@click.option("--prefill-rows", type=click.IntRange(0), default=0, show_default=True,
+              help="onnxruntime targets: prefill this many rows per decoder call (0: the whole batch); bounds the prefill's memory.")
 @click.option("--baseline", help="Target (as given) or row label the speedups are against (default: the first target).")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the full report (environment, floors, results) here.")
 @click.option("--markdown", "markdown_path", type=click.Path(path_type=Path), help="Write the markdown table here.")
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path), help="Write a latency-vs-batch PNG here (needs matplotlib).")
 def bench_command(targets, device, dtypes, batches, resolutions, prompt_tokens, new_tokens, warmup, runs, threads,
-                  baseline, json_path, markdown_path, plot_path):
+                  prefill_rows, baseline, json_path, markdown_path, plot_path):
     """Time TARGETs (artifact or checkpoint folders) on the same inputs: load, vision, time to first
     token, per-output-token latency, tokens/s, peak memory, each against its physical floor."""
     from pgexport.bench import bench, to_markdown
@@ -246,7 +248,7 @@ def bench_command(targets, device, dtypes, batches, resolutions, prompt_tokens, 
         list(targets), device=device, dtypes=dtypes.split(",") if dtypes else None,
         batches=numbers(batches, "--batch"), resolutions=numbers(resolutions, "--resolutions"),
         prompt_tokens=prompt_tokens, new_tokens=new_tokens, warmup=warmup, runs=runs, threads=threads,
-        baseline=baseline, json_path=json_path, markdown_path=markdown_path, plot_path=plot_path,
+        prefill_rows=prefill_rows, baseline=baseline, json_path=json_path, markdown_path=markdown_path, plot_path=plot_path,
     )
     click.echo(to_markdown(report))
     if report["plot"] and report["plot"]["skipped"]:
