@@ -6,7 +6,7 @@
 #   bash benchmarks/bench_cpu.sh 3b          pg1-3b-224, the real 3B shapes: needs >= 20 GB free memory,
 #                                            ~40 GB disk, ~11 min export + ~15 min bench
 #   bash benchmarks/bench_cpu.sh 3b-448      pg1-3b-448 (1024 image tokens), fp32/int8/q4, batch 1 and 4, one timed run
-#   bash benchmarks/bench_cpu.sh 3b-896      pg1-3b-896 (4096 image tokens), the same (batch 4: int8 and q4, row-by-row prefill)
+#   bash benchmarks/bench_cpu.sh 3b-896      pg1-3b-896 (4096 image tokens), the same (batch 4: row-by-row prefill)
 # Results: benchmarks/results/bench_<name>_cpu.{md,json} (+ a PNG under $WORK). Checkpoints and
 # artifacts are kept under $WORK and reused. Extra arguments go to `pgexport bench`.
 set -euo pipefail
@@ -51,10 +51,10 @@ bench() {  # $1: result name, then pgexport bench options
 # Prefill grows with the image tokens (256 / 1024 / 4096 at 224 / 448 / 896 px): the larger
 # resolutions run one timed run without warm-up (a batch-4 prefill at 896 px is 16k tokens).
 # At 896 px batch 4, onnxruntime prefills one row at a time (--prefill-rows 1): the whole 16k-token
-# batch ran this 24 GB machine out of memory (killed at 24.3 GB); fp32 is left out for time.
+# batch ran this 24 GB machine out of memory (killed at 24.3 GB). fp32, the largest, runs last.
 case "$NAME" in
   3b-448) bench "$NAME" --dtype $DTYPES --batch 1,4 --warmup 0 --runs 1 "$@" ;;
   3b-896) bench "$NAME" --dtype $DTYPES --batch 1 --warmup 0 --runs 1 "$@"
-          bench "$NAME-b4" --dtype int8,q4 --batch 4 --warmup 0 --runs 1 --prefill-rows 1 "$@" ;;
+          bench "$NAME-b4" --dtype int8,q4,fp32 --batch 4 --warmup 0 --runs 1 --prefill-rows 1 "$@" ;;
   *) bench "$NAME" --dtype $DTYPES --batch 1,4 "$@" ;;
 esac
