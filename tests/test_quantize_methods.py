@@ -219,8 +219,9 @@ def test_fp16_islands_and_a_failed_gate(demo, tmp_path, monkeypatch):
 
 def test_fp16_of_a_graph_with_external_data(demo, tmp_path, monkeypatch):
     """The path the 3B decoder takes (its weights in a .data file, too large for one protobuf):
-    the probe runs on hard links to the source's data, the fp16 weights are written as external
-    data, and the islands and figures are those of the same graph stored inline."""
+    the probe runs on hard links to the source's data, on one row, a quarter of the nodes per
+    session; the fp16 weights are written as external data; the islands are those of the same
+    graph stored inline."""
     import pgexport.exporters.onnx as exporter
     from pgexport.quantize.fp16 import convert_fp16
     from pgexport.quantize.optimize import optimize_graph
@@ -239,8 +240,10 @@ def test_fp16_of_a_graph_with_external_data(demo, tmp_path, monkeypatch):
     report = convert_fp16(folder, "decoder_model_merged", src, dst, progress=False)
     assert sorted(p.name for p in (folder / "onnx").iterdir()) == before  # nothing left beside the source
     assert sorted(p.name for p in dst.parent.iterdir()) == ["decoder_fp16.onnx", "decoder_fp16.onnx.data"]
+    # one sample row, node outputs in four sessions: the islands of the three-row, one-session probe
+    assert (report["probe"], inline["probe"]) == ({"rows": 1, "sessions": 4}, {"rows": 3, "sessions": 1})
     assert report["islands"] == inline["islands"] and report["islands"]
-    assert report["check"]["all_finite"] and report["check"]["min_cosine"] == pytest.approx(inline["check"]["min_cosine"], abs=1e-6)
+    assert report["check"]["all_finite"] and report["check"]["min_cosine"] > 0.9999
     assert report["bytes_after"] == pytest.approx(inline["bytes_after"], rel=0.02)  # fp16 either way
     assert report["bytes_after"] < 0.55 * report["bytes_before"]
     fused = optimize_graph(folder, "decoder_model_merged", src, tmp_path / "opt" / "decoder_opt.onnx")

@@ -13,11 +13,12 @@ stay in float32 is measured here rather than listed by op type:
    (it inserts the casts at the island borders), fp16 inputs and outputs;
 4. verify: the fp16 graph on the same inputs, every output finite and close (cosine) to fp32.
 
-Graphs over 2 GB (the 3B decoder): shapes are inferred on the file (`infer_shapes_path`), the
-probe is the graph's structure alone, saved beside hard links to its data file, and the converter
-works on the loaded weights in place, saving them as external data; the fp32 and fp16 sessions of
-the check run one after the other, so peak memory stays near one fp32 copy of the weights plus
-the probed activations.
+Graphs whose weights live in a .data file (over 1 GiB; the 3B decoder's 10 GB is over protobuf's
+2 GB): the probe is the graph's structure alone, saved beside hard links to its data file, run on
+one sample row with the node outputs exposed a quarter at a time (all at once, a 3-row probe of
+the 3B decoder ran 24 GB out); shapes are inferred on the file (`infer_shapes_path`); the
+converter works on the loaded weights in place and saves them as external data; the fp32 and
+fp16 sessions of the check run one after the other.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from pgexport.quantize.int8 import _load
 
 FP16_MAX = 65504.0
 FP16_LIMIT = FP16_MAX / 4
+LARGE_GRAPH_PROBE_GROUPS = 4  # activations of a 266-token 3B prefill: ~1 GB per share instead of ~5 GB
 PRECISION_LIMIT = 2e-3  # fp16 rounds a normal value by at most 4.9e-4 relative; more means underflow
 
 
@@ -70,44 +72,51 @@ def _link_data(model: onnx.ModelProto, source_dir: Path, target_dir: Path) -> No
         _link_or_copy(source_dir / location, target_dir / location)
 
 
-def activation_ranges(src: Path, feeds: list[dict]) -> dict[str, dict]:
+def activation_ranges(src: Path, feeds: list[dict], groups: int = 1) -> dict[str, dict]:
     """node name -> {"op", "max_abs", "fp16_rel_error"} over every float output of every node of
-    the graph file `src`."""
+    the graph file `src`. `groups` > 1 exposes the node outputs in that many sessions, one after
+    the other, so only a share of the activations is held at once (the 3B decoder's are ~10 GB)."""
     import onnxruntime as ort
 
-    probe = onnx.load(str(src), load_external_data=False)
-    known = {o.name for o in probe.graph.output}
-    owner = {}
-    for node in probe.graph.node:
-        for output in node.output:
-            if output and output not in known:
-                probe.graph.output.append(onnx.ValueInfoProto(name=output))
-            owner[output] = node
+    base = onnx.load(str(src), load_external_data=False)
+    known = {o.name for o in base.graph.output}
+    owner = {output: node for node in base.graph.node for output in node.output if output}
+    candidates = [name for name in owner if name not in known]
+    size = max(1, -(-len(candidates) // groups))
+    stats: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "probe.onnx"
-        _link_data(probe, src.parent, Path(tmp))
-        onnx.save(probe, str(path))
-        del probe
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        names = [o.name for o in session.get_outputs()]
-        stats: dict[str, dict] = {}
-        for feed in feeds:
-            for name, value in zip(names, session.run(names, feed)):
-                node = owner.get(name)
-                if node is None or not isinstance(value, np.ndarray) or value.dtype != np.float32 or not value.size:
-                    continue
-                finite = value[np.isfinite(value)]
-                max_abs = float(np.abs(finite).max()) if finite.size else float("inf")
-                if finite.size < value.size:
-                    max_abs = float("inf")
-                with np.errstate(over="ignore"):
-                    rounded = finite.astype(np.float16).astype(np.float32)
-                norm = float(np.linalg.norm(finite))
-                error = float(np.linalg.norm(np.nan_to_num(rounded - finite, posinf=FP16_MAX))) / norm if norm else 0.0
-                entry = stats.setdefault(node.name, {"op": node.op_type, "max_abs": 0.0, "fp16_rel_error": 0.0})
-                entry["max_abs"] = max(entry["max_abs"], max_abs)
-                entry["fp16_rel_error"] = max(entry["fp16_rel_error"], error)
+        _link_data(base, src.parent, Path(tmp))
+        for start in range(0, max(len(candidates), 1), size):
+            probe = onnx.ModelProto()
+            probe.CopyFrom(base)
+            probe.graph.output.extend(onnx.ValueInfoProto(name=name) for name in candidates[start:start + size])
+            onnx.save(probe, str(path))
+            del probe
+            session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            names = [o.name for o in session.get_outputs()]
+            for feed in feeds:
+                for name, value in zip(names, session.run(names, feed)):
+                    _record(stats, owner.get(name), value)
+            del session
+            gc.collect()
     return stats
+
+
+def _record(stats: dict, node, value) -> None:
+    if node is None or not isinstance(value, np.ndarray) or value.dtype != np.float32 or not value.size:
+        return
+    finite = value[np.isfinite(value)]
+    max_abs = float(np.abs(finite).max()) if finite.size else float("inf")
+    if finite.size < value.size:
+        max_abs = float("inf")
+    with np.errstate(over="ignore"):
+        rounded = finite.astype(np.float16).astype(np.float32)
+    norm = float(np.linalg.norm(finite))
+    error = float(np.linalg.norm(np.nan_to_num(rounded - finite, posinf=FP16_MAX))) / norm if norm else 0.0
+    entry = stats.setdefault(node.name, {"op": node.op_type, "max_abs": 0.0, "fp16_rel_error": 0.0})
+    entry["max_abs"] = max(entry["max_abs"], max_abs)
+    entry["fp16_rel_error"] = max(entry["fp16_rel_error"], error)
 
 
 def islands(stats: dict[str, dict]) -> dict[str, str]:
@@ -163,7 +172,11 @@ def convert_fp16(folder: Path, graph: str, src: Path, dst: Path, *, progress: bo
     source_bytes = src.stat().st_size + (data.stat().st_size if data.is_file() else 0)
     feeds = sample_feeds(folder, graph)
     gc.collect()  # the artifact's sessions that made the feeds
-    stats = activation_ranges(src, feeds)
+    large = source_bytes > EXTERNAL_DATA_THRESHOLD
+    if large:  # the 3B decoder: one sample row, its activations probed a quarter of the nodes at a time
+        feeds = [{key: value[:1] if value.ndim else value for key, value in feed.items()} for feed in feeds[:1]]
+    groups = LARGE_GRAPH_PROBE_GROUPS if large else 1
+    stats = activation_ranges(src, feeds, groups)
     keep = islands(stats)
     dst.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dst.parent) as scratch:
@@ -171,7 +184,7 @@ def convert_fp16(folder: Path, graph: str, src: Path, dst: Path, *, progress: bo
     nodes = len(model.graph.node)
     converted = convert_float_to_float16(model, keep_io_types=False, node_block_list=sorted(keep), disable_shape_infer=True)
     del model
-    if source_bytes > EXTERNAL_DATA_THRESHOLD:  # the 3B decoder: weights beside the graph, as the export writes them
+    if large:  # weights beside the graph, as the export writes them
         onnx.save(converted, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
                   location=dst.name + ".data", size_threshold=1024)
     else:
@@ -196,6 +209,7 @@ def convert_fp16(folder: Path, graph: str, src: Path, dst: Path, *, progress: bo
         "islands": keep,
         "nodes": nodes,
         "probed_nodes": len(stats),
+        "probe": {"rows": int(sum(next(iter(f.values())).shape[0] for f in feeds)), "sessions": groups},
         "max_abs_activation": max((e["max_abs"] for e in stats.values()), default=0.0),
         "check": {first: check[first], "all_finite": all(c["finite"] for c in check.values()),
                   "min_cosine": min(c["min_cosine"] for c in check.values())},
