@@ -20,8 +20,10 @@ mkdir -p "$OUT"
 
 quantize() {  # name, then pgexport quantize options
   local name=$1; shift
+  # a failed step (its exit code and peak are in the results) does not stop the others
   flock "$LOCK" .venv/bin/python benchmarks/measure.py --label "quantize 3b $name" --json "$RESULTS" -- \
-    .venv/bin/pgexport quantize "$ART" -o "$OUT/$name" "$@" --no-validate --force --json > "$OUT/$name.json"
+    .venv/bin/pgexport quantize "$ART" -o "$OUT/$name" "$@" --no-validate --force --json > "$OUT/$name.json" \
+    || { echo "quantize 3b $name failed" >&2; return 0; }
   .venv/bin/python - "$name" "$OUT/$name.json" <<'PY'   # sizes and per-graph method into the results
 import json, sys
 from pathlib import Path
@@ -44,8 +46,12 @@ for step in $STEPS; do
     fp16) quantize fp16 --method fp16 ;;                              # islands probed on the 10 GB decoder
     q4-optimized) quantize q4-optimized --method q4 --optimize ;;     # fusions on the whole graphs first
     int8-static) quantize int8-static --method int8-static --embed int8 ;;  # calibrated on the demo samples
-    compare) flock "$LOCK" .venv/bin/python benchmarks/quantize_demo.py --json benchmarks/results/quantize_3b_compare.json \
-      --runs 1 --tokens 8 --compare "$ART" "$OUT/int8:int8" "$OUT/q4:q4" "$OUT/mixed:q4" "$OUT/fp16:fp16" \
-      "$OUT/q4-optimized:q4" "$OUT/int8-static:int8-static" ;;
+    compare)  # the variants whose step succeeded
+      targets=()
+      for t in int8:int8 q4:q4 mixed:q4 fp16:fp16 q4-optimized:q4 int8-static:int8-static; do
+        [ -f "$OUT/${t%%:*}/manifest.json" ] && targets+=("$OUT/$t")
+      done
+      flock "$LOCK" .venv/bin/python benchmarks/quantize_demo.py --json benchmarks/results/quantize_3b_compare.json \
+        --runs 1 --tokens 8 --compare "$ART" "${targets[@]}" ;;
   esac
 done
