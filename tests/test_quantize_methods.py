@@ -248,7 +248,10 @@ def test_fp16_of_a_graph_with_external_data(demo, tmp_path, monkeypatch):
     assert report["bytes_after"] < 0.55 * report["bytes_before"]
     fused = optimize_graph(folder, "decoder_model_merged", src, tmp_path / "opt" / "decoder_opt.onnx")
     assert sorted(p.name for p in (tmp_path / "opt").iterdir()) == ["decoder_opt.onnx", "decoder_opt.onnx.data"]
-    assert fused["op_changes"] == fused_inline["op_changes"] and fused["op_changes"]["SkipSimplifiedLayerNormalization"] > 0
+    # without shape inference (it would copy a 10 GB model) the norms fuse, the residual Adds do not
+    assert fused_inline["op_changes"]["SkipSimplifiedLayerNormalization"] > 0
+    assert "SkipSimplifiedLayerNormalization" not in fused["op_changes"]
+    assert fused["op_changes"]["SimplifiedLayerNormalization"] > 0 and fused["op_changes"]["FastGelu"] > 0
     assert fused["max_rel_diff"] == pytest.approx(fused_inline["max_rel_diff"], abs=1e-7) and fused["max_rel_diff"] < 1e-4
 
 
