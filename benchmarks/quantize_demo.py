@@ -40,23 +40,17 @@ DECODE_TOKENS = 32
 
 
 def decode_ms_per_token(artifact: Path, dtype: str, runs: int = 3, threads: int = 0, tokens: int = DECODE_TOKENS) -> float:
-    """Median over runs of (time for 1 + `tokens` greedy tokens - time for 1) / `tokens`, batch 1,
-    eos ignored: the decode steps alone, prefill excluded."""
-    from pgexport.runtime import OnnxPaliGemma
-    from pgexport.validate import default_samples
+    """Median decode step, batch 1, eos ignored, timed step by step by `pgexport bench`'s runner
+    over `runs` generations of 1 + `tokens` tokens (prefill excluded). A difference of two whole
+    generations would carry the prefill's noise: on the 3B shapes it swamped the steps."""
+    from pgexport.bench import Clock, OnnxRunner, Settings, make_inputs, resolve_target
 
-    model = OnnxPaliGemma(artifact, dtype=dtype, threads=threads)
-    image, prompt = default_samples(1)[0]
-    inputs = model.preprocess([image], [prompt])
-
-    def timed(tokens):
-        started = time.perf_counter()
-        model.generate_ids(**inputs, max_new_tokens=tokens, stop_at_eos=False)
-        return time.perf_counter() - started
-
-    timed(2)  # warm-up
-    samples = [(timed(1 + tokens) - timed(1)) / tokens for _ in range(runs)]
-    return round(1000 * statistics.median(samples), 3)
+    target = resolve_target(artifact)
+    runner = OnnxRunner(target, dtype, Settings(batches=(1,), threads=threads or None))
+    inputs = make_inputs(target.config, 1, 10, target.native_resolution)
+    runner.run(inputs, 2, Clock("cpu"))  # warm-up
+    steps = [step for _ in range(runs) for step in runner.run(inputs, 1 + tokens, Clock("cpu")).steps]
+    return round(1000 * statistics.median(steps), 3)
 
 
 def greedy_tokens(artifact: Path, dtype: str) -> np.ndarray:
