@@ -206,7 +206,8 @@ def report(demo_json: Path, timing_json: Path, rss_jsonl: Path, compare_3b_json:
         graphs = " / ".join(f"{size['graphs'][g] / 1e9:.2f}{' ' + size['precisions'][g] if size else ''}"
                             for g in ("vision_encoder", "embed_tokens", "decoder_model_merged")) if size else "-"
         total = f"{size['total'] / 1e9:.2f} | {size['ratio']:.3f}" if size else "- | -"
-        quality = f"{row['agreement']:.0%} | {ms(row)}" if row else "- | -"
+        agreement = "-" if row is None or row.get("agreement") is None else f"{row['agreement']:.0%}"
+        quality = f"{agreement} | {ms(row)}" if row else "- | -"
         status = "" if run["exit_code"] == 0 else f" (killed: exit {run['exit_code']})"
         lines.append(f"| {name}{status} | {graphs} | {total} | {run['seconds']:.0f} | {run['peak_rss_gb']:.2f} | {quality} |")
     lines += ["", "## Against the issue's goals", ""]
@@ -227,10 +228,13 @@ def report(demo_json: Path, timing_json: Path, rss_jsonl: Path, compare_3b_json:
               "benchmarks/results/export_3b.md), 3 rows x 16 steps, from the script's `compare` step. With random "
               "weights the logits are near-uniform, so one flipped argmax changes the rest of a row: agreement "
               "here measures that, not quality (fp16 is at 94%); quality is measured on the trained demo model. "
-              "Decode ms/token shows '-': that compare run still timed two whole generations and took their "
-              "difference (one run), which the prefill's noise swamped (values went negative); the function now "
-              "times steps with the bench's runner. 3B decode times from `pgexport bench` on a quiet machine "
-              "(benchmarks/results/bench_3b-q4acc4_cpu.md): int8 85 ms, q4 56 ms.",
+              "Decode ms/token: median of 8 decode steps at batch 1, one run per row, timed step by step with "
+              "the bench's runner right after the compare (the compare itself still took the difference of two "
+              "whole generations, which the prefill's noise swamped: values went negative; they are kept in the "
+              "JSON as decode_ms_invalid). One run each: read them as +-20%; `pgexport bench` on a quiet machine "
+              "gave int8 85 ms and q4 56 ms (benchmarks/results/bench_3b-q4acc4_cpu.md). fp16 is slow on this CPU "
+              "(323 ms, above fp32's 230): this CPU has no fp16 arithmetic (no avx512_fp16), so half the bytes do "
+              "not make it faster; fp16 is for GPUs. q4-optimized was made after the compare: its agreement is not measured.",
               "- hqq on the 3B decoder was not run: onnxruntime's HQQ solver (torch) took 19 s per 32 MB chunk on "
               "this shared 2-core machine, about 100 min for the 10 GB decoder. hqq's float zero points also take a "
               "slower MatMulNBits kernel than rtn's uint8 ones (demo decode table).",
