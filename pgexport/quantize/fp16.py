@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from pgexport.quantize.int8 import _load
+from pgexport.quantize.int8 import _graph_bytes, _link_data_files, _load
 
 FP16_MAX = 65504.0
 FP16_LIMIT = FP16_MAX / 4
@@ -57,21 +57,6 @@ def sample_feeds(folder: Path, graph: str) -> list[dict[str, np.ndarray]]:
     return [{k: v for k, v in feed.items() if k in names}]
 
 
-def _external_locations(model: onnx.ModelProto) -> set[str]:
-    return {entry.value for tensor in model.graph.initializer for entry in tensor.external_data if entry.key == "location"}
-
-
-def _link_data(model: onnx.ModelProto, source_dir: Path, target_dir: Path) -> None:
-    """Make `model`'s external data files (relative to source_dir) visible in target_dir: hard
-    links (onnxruntime refuses data paths that lead out of the model's folder), copies across
-    file systems."""
-    from pgexport.pipeline import _link_or_copy
-
-    for location in _external_locations(model):
-        (target_dir / location).parent.mkdir(parents=True, exist_ok=True)
-        _link_or_copy(source_dir / location, target_dir / location)
-
-
 def activation_ranges(src: Path, feeds: list[dict], groups: int = 1) -> dict[str, dict]:
     """node name -> {"op", "max_abs", "fp16_rel_error"} over every float output of every node of
     the graph file `src`. `groups` > 1 exposes the node outputs in that many sessions, one after
@@ -86,7 +71,7 @@ def activation_ranges(src: Path, feeds: list[dict], groups: int = 1) -> dict[str
     stats: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "probe.onnx"
-        _link_data(base, src.parent, Path(tmp))
+        _link_data_files(src, base, Path(tmp))
         for start in range(0, max(len(candidates), 1), size):
             probe = onnx.ModelProto()
             probe.CopyFrom(base)
@@ -143,7 +128,7 @@ def _load_inferred(src: Path, scratch: Path) -> onnx.ModelProto:
     return model
 
 
-def _outputs(path: Path, feeds: list[dict], types: dict[str, str] | None = None) -> list[list[np.ndarray]]:
+def _outputs(path: Path, feeds: list[dict]) -> list[dict[str, np.ndarray]]:
     """Every output of the graph at `path` for each feed (float inputs cast to fp16 where the
     graph takes fp16); the session is released before returning."""
     import onnxruntime as ort
@@ -168,8 +153,7 @@ def convert_fp16(folder: Path, graph: str, src: Path, dst: Path, *, progress: bo
 
     started = time.perf_counter()
     _load(src)  # refuses a graph that is quantized already
-    data = src.with_name(src.name + ".data")
-    source_bytes = src.stat().st_size + (data.stat().st_size if data.is_file() else 0)
+    source_bytes = _graph_bytes(src)
     feeds = sample_feeds(folder, graph)
     gc.collect()  # the artifact's sessions that made the feeds
     large = source_bytes > EXTERNAL_DATA_THRESHOLD
@@ -204,7 +188,6 @@ def convert_fp16(folder: Path, graph: str, src: Path, dst: Path, *, progress: bo
             entry["finite"] &= bool(np.isfinite(actual).all())
             entry["min_cosine"] = min(entry["min_cosine"], float(np.min(cosine)))
     first = next(iter(check))
-    dst_data = dst.with_name(dst.name + ".data")
     return {
         "islands": keep,
         "nodes": nodes,
@@ -214,6 +197,6 @@ def convert_fp16(folder: Path, graph: str, src: Path, dst: Path, *, progress: bo
         "check": {first: check[first], "all_finite": all(c["finite"] for c in check.values()),
                   "min_cosine": min(c["min_cosine"] for c in check.values())},
         "bytes_before": source_bytes,
-        "bytes_after": dst.stat().st_size + (dst_data.stat().st_size if dst_data.is_file() else 0),
+        "bytes_after": _graph_bytes(dst),
         "seconds": round(time.perf_counter() - started, 3),
     }

@@ -251,6 +251,32 @@ def _file_bytes(path: Path, data_files) -> int:
     return path.stat().st_size + sum(Path(f).stat().st_size for f in data_files)
 
 
+def _external_files(graph: onnx.ModelProto) -> set[str]:
+    """The external data files a graph's initializers name, relative to the graph's folder."""
+    return {
+        e.value
+        for t in graph.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL
+        for e in t.external_data if e.key == "location"
+    }
+
+
+def _graph_bytes(path: Path) -> int:
+    """A graph file and the external data files it names."""
+    model = onnx.load(str(path), load_external_data=False)
+    return sum(f.stat().st_size for f in {path} | {path.parent / name for name in _external_files(model)})
+
+
+def _link_data_files(src: Path, graph: onnx.ModelProto, folder: Path) -> None:
+    """Make src's external data files visible in `folder`, for a rewritten graph saved there:
+    hard links (onnxruntime 1.32 rejects a symlink that resolves outside the model's folder), or
+    copies across file systems."""
+    for location in _external_files(graph):
+        try:
+            os.link(src.parent / location, folder / location)
+        except OSError:
+            shutil.copyfile(src.parent / location, folder / location)
+
+
 # ---------------------------------------------------------------------------------------------
 # walking graphs
 

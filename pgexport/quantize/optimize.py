@@ -39,12 +39,12 @@ def optimize_graph(folder: Path, graph: str, src: Path, dst: Path) -> dict:
 
     from pgexport.exporters.onnx import EXTERNAL_DATA_THRESHOLD
     from pgexport.quantize.fp16 import _outputs, sample_feeds
+    from pgexport.quantize.int8 import _graph_bytes
 
     started = time.perf_counter()
     if graph not in MODEL_TYPES:
         return {"skipped": f"nothing to fuse in {graph}"}
-    data = src.with_name(src.name + ".data")
-    external = src.stat().st_size + (data.stat().st_size if data.is_file() else 0) > EXTERNAL_DATA_THRESHOLD
+    external = _graph_bytes(src) > EXTERNAL_DATA_THRESHOLD
     options = FusionOptions(MODEL_TYPES[graph])
     options.enable_attention = False
     # Symbolic shape inference (the skip-norm fusions' broadcast check) copies the whole model:

@@ -60,7 +60,7 @@ import numpy as np
 import onnx
 
 from pgexport.errors import import_optional
-from pgexport.quantize.int8 import QUANTIZED_OPS, QuantizeInputError, _load
+from pgexport.quantize.int8 import QUANTIZED_OPS, QuantizeInputError, _graph_bytes, _link_data_files, _load
 
 GRAPH_OPTIMIZATION_LEVEL = "ENABLE_BASIC"
 EXTERNAL_DATA_THRESHOLD = 3 << 29  # 1.5 GiB of tensors: weights go to dst.name + ".data" (as int8.py)
@@ -91,7 +91,7 @@ def quantize_static_int8(
     src, dst = Path(src), Path(dst)
     graph = check_source(src, feeds, exclude_nodes)
     if streamed is None:
-        streamed = _file_bytes(src) > STREAMED_THRESHOLD
+        streamed = _graph_bytes(src) > STREAMED_THRESHOLD
     with neural_compressor_session(dst.parent, progress) as workspace:
         if streamed:
             quantize_static_int8_streamed(src, dst, graph, feeds, exclude_nodes, workspace)
@@ -112,8 +112,8 @@ def _info(src: Path, dst: Path, feeds, exclude_nodes, external: bool, started: f
         **describe(dst),
         "excluded": list(exclude_nodes),
         "calibration_feeds": len(feeds),
-        "bytes_before": _file_bytes(src),
-        "bytes_after": _file_bytes(dst),
+        "bytes_before": _graph_bytes(src),
+        "bytes_after": _graph_bytes(dst),
         "external_data": dst.name + ".data" if external else None,
         "seconds": round(time.perf_counter() - started, 3),
     }
@@ -193,25 +193,6 @@ def restore_defaults(proto: onnx.ModelProto, defaults: dict) -> None:
     proto.graph.initializer.extend(
         numpy_helper.from_array(value, name) for name, value in defaults.items() if name in inputs and name not in present
     )
-
-
-def _link_data_files(src: Path, graph: onnx.ModelProto, folder: Path) -> None:
-    """Make src's external data files visible in `folder`, for a rewritten graph saved there:
-    hard links (onnxruntime 1.32 rejects a symlink that resolves outside the model's folder), or
-    copies across file systems."""
-    for location in _external_files(graph):
-        try:
-            os.link(src.parent / location, folder / location)
-        except OSError:
-            shutil.copyfile(src.parent / location, folder / location)
-
-
-def _external_files(graph: onnx.ModelProto) -> set[str]:
-    return {
-        e.value
-        for t in graph.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL
-        for e in t.external_data if e.key == "location"
-    }
 
 
 def post_training_config(graph: onnx.ModelProto, calibration_size: int, exclude_nodes: Sequence[str] = (), **kwargs):
@@ -310,13 +291,6 @@ def describe(path: Path) -> dict:
         "fp32_nodes": [n.name for n, q in zip(compute, quantized) if not q],  # neural-compressor renames only quantized nodes (+"_quant")
         "op_types": dict(Counter(n.op_type for n in model.graph.node).most_common()),
     }
-
-
-def _file_bytes(path: Path) -> int:
-    model = onnx.load(str(path), load_external_data=False)
-    return sum(f.stat().st_size for f in {path} | {path.parent / name for name in _external_files(model)})
-
-
 
 
 # ---------------------------------------------------------------------------------------------
