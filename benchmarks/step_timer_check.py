@@ -14,26 +14,14 @@ import argparse
 import statistics
 import time
 
-import torch
-from transformers import GenerationConfig
-
 from pgexport.bench import Clock, Settings, TorchRunner, make_inputs, resolve_target
 
 
 def plain_generate_seconds(runner: TorchRunner, inputs: dict, new_tokens: int, clock: Clock) -> float:
-    model = runner.model
-    tensors = {key: torch.from_numpy(value).to(runner.device) for key, value in inputs.items()}
-    tensors["pixel_values"] = tensors["pixel_values"].to(runner.dtype)
-    tensors["token_type_ids"] = torch.zeros_like(tensors["input_ids"])
-    config = GenerationConfig(
-        max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, eos_token_id=None,
-        pad_token_id=model.generation_config.pad_token_id, bos_token_id=model.generation_config.bos_token_id,
-        cache_implementation="static" if runner.static_cache else None,
-    )
-    with torch.inference_mode():
-        start = clock()
-        model.generate(**tensors, generation_config=config)
-        return clock() - start
+    tensors = runner.tensors(inputs)
+    start = clock()
+    runner.generate(tensors, new_tokens)  # no logits processor: nothing stamped between steps
+    return clock() - start
 
 
 def main():

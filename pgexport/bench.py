@@ -297,13 +297,30 @@ class TorchRunner:
 
         return hook
 
-    def run(self, inputs: dict, new_tokens: int, clock: Clock) -> Timing:
-        from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
-
-        torch, model, stamps = self.torch, self.model, []
-        tensors = {key: torch.from_numpy(value).to(self.device) for key, value in inputs.items()}
+    def tensors(self, inputs: dict) -> dict:
+        """The arrays of `make_inputs` as `generate`'s tensors on the runner's device."""
+        tensors = {key: self.torch.from_numpy(value).to(self.device) for key, value in inputs.items()}
         tensors["pixel_values"] = tensors["pixel_values"].to(self.dtype)
-        tensors["token_type_ids"] = torch.zeros_like(tensors["input_ids"])  # the whole prompt is the prefix
+        tensors["token_type_ids"] = self.torch.zeros_like(tensors["input_ids"])  # the whole prompt is the prefix
+        return tensors
+
+    def generate(self, tensors: dict, new_tokens: int, logits_processors=()) -> None:
+        """One greedy `generate` call of exactly `new_tokens` tokens."""
+        from transformers import GenerationConfig, LogitsProcessorList
+
+        torch, model = self.torch, self.model
+        config = GenerationConfig(
+            max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, eos_token_id=None,
+            pad_token_id=model.generation_config.pad_token_id, bos_token_id=model.generation_config.bos_token_id,
+            cache_implementation="static" if self.static_cache else None,
+        )
+        with torch.inference_mode():
+            model.generate(**tensors, generation_config=config, logits_processor=LogitsProcessorList(list(logits_processors)))
+
+    def run(self, inputs: dict, new_tokens: int, clock: Clock) -> Timing:
+        from transformers import LogitsProcessor
+
+        stamps = []
 
         class StepTimer(LogitsProcessor):
             """Called once per new token, right after the forward pass that produced its logits."""
@@ -312,15 +329,10 @@ class TorchRunner:
                 stamps.append(clock())
                 return scores
 
-        config = GenerationConfig(
-            max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, eos_token_id=None,
-            pad_token_id=model.generation_config.pad_token_id, bos_token_id=model.generation_config.bos_token_id,
-            cache_implementation="static" if self.static_cache else None,
-        )
+        tensors = self.tensors(inputs)
         self.clock, self.stamps = clock, {}
-        with torch.inference_mode():
-            start = clock()
-            model.generate(**tensors, generation_config=config, logits_processor=LogitsProcessorList([StepTimer()]))
+        start = clock()
+        self.generate(tensors, new_tokens, [StepTimer()])
         vision_start, vision_end = self.stamps["vision_start"], self.stamps["vision_end"]
         return Timing(vision_end - vision_start, stamps[0] - vision_end, stamps[0] - start, list(np.diff(stamps)))
 
