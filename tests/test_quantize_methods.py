@@ -55,8 +55,10 @@ def _initializers(path: Path) -> dict:
 @pytest.mark.parametrize("method", ["rtn", "hqq"])
 @pytest.mark.parametrize("external", [False, True])
 def test_int4_matches_onnxruntime_quantizer(tmp_path, method, external, monkeypatch):
-    """Same initializers, bit for bit, and same outputs as MatMulNBitsQuantizer; the activation
-    MatMul is listed as skipped; chunked reading (rtn: chunks of two blocks) changes nothing."""
+    """rtn: the initializers of MatMulNBitsQuantizer, bit for bit, and its outputs; chunked reading
+    (chunks of two blocks) changes nothing. hqq: its q and scales bit for bit, its float zero
+    points z folded into the correction (8 - z) * s, and its outputs to float rounding (K not a
+    multiple of the block: the correction pads X). The activation MatMul is listed as skipped."""
     from onnxruntime.quantization.matmul_nbits_quantizer import (
         DefaultWeightOnlyQuantConfig, HQQWeightOnlyQuantConfig, MatMulNBitsQuantizer)
 
@@ -65,21 +67,69 @@ def test_int4_matches_onnxruntime_quantizer(tmp_path, method, external, monkeypa
     theirs = MatMulNBitsQuantizer(onnx.load(str(src)), algo_config=config)
     theirs.process()
     theirs.model.save_model_to_file(str(tmp_path / "ort.onnx"))
-    if method == "rtn":  # hqq's early stop is per chunk, so only one-chunk tensors match exactly
+    if method == "rtn":  # hqq's early stop is per piece, so only tensors of one piece match exactly
         monkeypatch.setattr("pgexport.quantize.int4.CHUNK_BYTES", 4 * N1 * 64)
     stats = quantize_int4(src, tmp_path / "out" / "mlp_q4.onnx", method=method, block_size=32, progress=False)
 
     assert stats["quantized"] == 2 and [s["node"] for s in stats["skipped"]] == ["act"]
     ours, reference = _initializers(tmp_path / "out" / "mlp_q4.onnx"), _initializers(tmp_path / "ort.onnx")
-    assert sorted(ours) == sorted(reference)
-    for name in reference:
-        assert ours[name].dtype == reference[name].dtype and np.array_equal(ours[name], reference[name]), name
     run = lambda p: ort.InferenceSession(str(p)).run(None, feeds)  # noqa: E731
-    fp32, q4 = run(src)[0], run(tmp_path / "out" / "mlp_q4.onnx")[0]
-    assert np.array_equal(q4, run(tmp_path / "ort.onnx")[0])
-    assert np.linalg.norm(q4 - fp32) < 0.15 * np.linalg.norm(fp32)  # 4-bit: several per cent, not noise
+    fp32, q4, q4_ort = run(src)[0], run(tmp_path / "out" / "mlp_q4.onnx")[0], run(tmp_path / "ort.onnx")[0]
     ops = [n.op_type for n in onnx.load(str(tmp_path / "out" / "mlp_q4.onnx"), load_external_data=False).graph.node]
-    assert ops.count("MatMulNBits") == 2 and ops.count("MatMul") == 1
+    assert ops.count("MatMulNBits") == 2
+    if method == "rtn":
+        assert sorted(ours) == sorted(reference)
+        for name in reference:
+            assert ours[name].dtype == reference[name].dtype and np.array_equal(ours[name], reference[name]), name
+        assert np.array_equal(q4, q4_ort) and ops.count("MatMul") == 1
+    else:
+        for w, k, n in (("w1", K1, N1), ("w2", N1, N2)):
+            for suffix in ("_Q4", "_scales"):
+                assert np.array_equal(ours[w + suffix], reference[w + suffix]), w + suffix
+            scales, zero = (reference[w + suffix].reshape(n, -1) for suffix in ("_scales", "_zero_points"))
+            np.testing.assert_array_equal(ours[w + "_zero_correction"], ((8 - zero) * scales).T)
+            assert w + "_zero_points" not in ours
+        np.testing.assert_allclose(q4, q4_ort, rtol=1e-4, atol=1e-4 * np.abs(q4_ort).max())
+        assert ops.count("MatMul") == 3 and ops.count("Pad") == 2  # the activation MatMul and one a correction
+    assert np.linalg.norm(q4 - fp32) < 0.15 * np.linalg.norm(fp32)  # 4-bit: several per cent, not noise
+
+
+def _dequantize(initializers: dict, name: str, k: int) -> np.ndarray:
+    """The MatMulNBits weight [K, N] back in float: rtn (uint8 zero points, two a byte), onnxruntime's
+    hqq (float zero points) or ours (symmetric, plus the correction (8 - z) * s per block)."""
+    packed = initializers[name + "_Q4"]  # [N, blocks, 16]
+    n, blocks = packed.shape[:2]
+    q = np.stack([packed & 15, packed >> 4], -1).reshape(n, blocks, 32).astype(np.float32)
+    scales = initializers[name + "_scales"].reshape(n, blocks, 1)
+    if name + "_zero_correction" in initializers:
+        weight = (q - 8) * scales + initializers[name + "_zero_correction"].T.reshape(n, blocks, 1)
+    else:
+        zero = initializers[name + "_zero_points"]
+        if zero.dtype == np.uint8:
+            zero = np.stack([zero & 15, zero >> 4], -1).reshape(n, -1)[:, :blocks]
+        weight = (q - zero.reshape(n, blocks, 1)) * scales
+    return weight.reshape(n, -1)[:, :k].T
+
+
+def test_hqq_in_pieces_solves_as_onnxruntime(tmp_path, monkeypatch):
+    """hqq on 8-column pieces (HQQ_PIECE_BYTES, 1 MiB in use): only the solver's early stop is
+    decided per piece, so the reconstruction error equals onnxruntime's whole-tensor solve's to
+    within a per cent, and stays under round-to-nearest's."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import HQQWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    src, _ = _mlp(tmp_path / "src")
+    theirs = MatMulNBitsQuantizer(onnx.load(str(src)), algo_config=HQQWeightOnlyQuantConfig(block_size=32))
+    theirs.process()
+    theirs.model.save_model_to_file(str(tmp_path / "ort.onnx"))
+    monkeypatch.setattr("pgexport.quantize.int4.HQQ_PIECE_BYTES", 4 * K1 * 8)  # w1 [200, 72]: 9 pieces
+    quantize_int4(src, tmp_path / "hqq.onnx", method="hqq", progress=False)
+    quantize_int4(src, tmp_path / "rtn.onnx", method="rtn", progress=False)
+
+    w1 = _initializers(src)["w1"]
+    error = {path: np.abs(_dequantize(_initializers(tmp_path / path), "w1", K1) - w1).mean()
+             for path in ("hqq.onnx", "ort.onnx", "rtn.onnx")}
+    assert abs(error["hqq.onnx"] / error["ort.onnx"] - 1) < 0.01
+    assert error["hqq.onnx"] < error["rtn.onnx"]
 
 
 def test_int4_refuses_quantized_graph_and_bad_block(tmp_path):
