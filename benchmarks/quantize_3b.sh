@@ -3,7 +3,8 @@
 # peak RSS (benchmarks/measure.py), sizes per graph, greedy token agreement with the fp32 graphs
 # and CPU decode ms/token (benchmarks/quantize_demo.py --compare). Each step takes the heavy lock.
 #
-#   ART=/tmp/pgexport-bench/pg1-3b-224/artifact OUT=/tmp/quant/3b [STEPS="q4 compare"] benchmarks/quantize_3b.sh
+#   ART=/tmp/pgexport-bench/pg1-3b-224/artifact OUT=/tmp/quant/3b [STEPS="q4 compare"] \
+#     [COMPARE="q4:q4"] benchmarks/quantize_3b.sh
 #
 # The gate's PyTorch reference is left out here (--no-validate): the 11.7 GB checkpoint and the
 # quantized graphs do not fit beside each other with the rest of this 24 GB machine busy; the fp32
@@ -37,18 +38,20 @@ out.write_text(json.dumps(sizes, indent=2) + "\n")
 PY
 }
 
-STEPS=${STEPS:-"int8 q4 mixed fp16 q4-optimized int8-static compare"}  # a subset reruns only those steps
+STEPS=${STEPS:-"int8 q4 q4-hqq mixed fp16 q4-optimized int8-static compare"}  # a subset reruns only those steps
+COMPARE=${COMPARE:-"int8:int8 q4:q4 q4-hqq:q4 mixed:q4 fp16:fp16 q4-optimized:q4 int8-static:int8-static"}  # NAME:VARIANT
 for step in $STEPS; do
   case $step in
     int8) quantize int8 --method int8 --embed int8 ;;                 # dynamic int8 + 8-bit table
     q4) quantize q4 --method q4 ;;                                    # MatMulNBits rtn, block 32, 4-bit table
+    q4-hqq) quantize q4-hqq --method q4 --int4-method hqq ;;          # HQQ zero points, block 32
     mixed) quantize mixed --vision int8 --decoder q4 --embed q4 ;;    # the per-graph example
     fp16) quantize fp16 --method fp16 ;;                              # islands probed on the 10 GB decoder
     q4-optimized) quantize q4-optimized --method q4 --optimize ;;     # fusions on the whole graphs first
     int8-static) quantize int8-static --method int8-static --embed int8 ;;  # calibrated on the demo samples
-    compare)  # the variants whose step succeeded
+    compare)  # the variants whose step succeeded; their rows replace earlier ones in the JSON
       targets=()
-      for t in int8:int8 q4:q4 mixed:q4 fp16:fp16 q4-optimized:q4 int8-static:int8-static; do
+      for t in $COMPARE; do
         [ -f "$OUT/${t%%:*}/manifest.json" ] && targets+=("$OUT/$t")
       done
       flock "$LOCK" .venv/bin/python benchmarks/quantize_demo.py --json benchmarks/results/quantize_3b_compare.json \
