@@ -51,7 +51,7 @@ def calibration_feeds(
         pairs = _demo_pairs(limit)
     else:
         pairs = [(open_image(image), prompt) for image, prompt in _source_rows(Path(source))[:limit]]
-    runtime = _Prefill(artifact, with_graphs=graph == "decoder_model_merged")
+    runtime = PrefillFeeds(artifact, with_graphs=graph == "decoder_model_merged")
     feeds = []
     for image, prompt in pairs:
         inputs = runtime.preprocess([image], [prompt])
@@ -121,7 +121,7 @@ class _Input:
         self.shape = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in value.type.tensor_type.shape.dim]
 
 
-class _Prefill(OnnxPaliGemma):
+class PrefillFeeds(OnnxPaliGemma):
     """OnnxPaliGemma's preprocessing and prefill feed without a decoder session: the processor and,
     for decoder feeds, the fp32 vision and embedding sessions; the decoder's input names and shapes
     are read from its graph without its weights."""

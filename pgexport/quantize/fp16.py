@@ -40,11 +40,14 @@ PRECISION_LIMIT = 2e-3  # fp16 rounds a normal value by at most 4.9e-4 relative;
 
 
 def sample_feeds(folder: Path, graph: str) -> list[dict[str, np.ndarray]]:
-    """Real inputs of `graph`: the demo samples through the artifact's fp32 graphs."""
-    from pgexport.runtime import OnnxPaliGemma
+    """Real inputs of `graph`: the demo samples through the artifact's fp32 vision and embedding
+    graphs. The decoder is not loaded (its input names are read without its weights): a session
+    on the 3B decoder peaked near 20 GB beside the graph being converted."""
+    from pgexport.quantize.calibration import PrefillFeeds
+    from pgexport.runtime import graph_path
     from pgexport.validate import default_samples
 
-    model = OnnxPaliGemma(folder, dtype="fp32")
+    model = PrefillFeeds(folder, with_graphs=graph == "decoder_model_merged")
     images, prompts = zip(*default_samples())
     inputs = model.preprocess(list(images), list(prompts))
     if graph == "vision_encoder":
@@ -53,7 +56,7 @@ def sample_feeds(folder: Path, graph: str) -> list[dict[str, np.ndarray]]:
         ids = np.where(inputs["input_ids"] == model.image_token_id, 0, inputs["input_ids"])
         return [{"input_ids": ids}]
     feed = model.prefill_feed(inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"])
-    names = {i.name for i in model.sessions[graph].get_inputs()}
+    names = {i.name for i in onnx.load(str(graph_path(folder, graph, "fp32")), load_external_data=False).graph.input}
     return [{k: v for k, v in feed.items() if k in names}]
 
 
