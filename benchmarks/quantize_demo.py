@@ -262,7 +262,10 @@ def report(demo_json: Path, timing_json: Path, rss_jsonl: Path, compare_3b_json:
               "the first run was killed (symbolic shape inference copied the 10 GB model); large graphs now skip it. "
               "The rerun fused 37 RMSNorms (SimplifiedLayerNormalization) and 18 GELUs (FastGelu) in the decoder "
               "at 9.5e-07 of the output range, 54 SkipLayerNormalization and 27 FastGelu in the vision encoder "
-              "(4.0e-07), then wrote the q4 package (0.161x); 23.8 GB peak with a test run beside it.",
+              "(4.0e-07), then wrote the q4 package (0.161x) with a 23.8 GB peak: the fused 10 GB model was still "
+              "alive (the optimizer's reference cycles) while the sample feeds loaded every fp32 graph, the decoder "
+              "included. Freed first (gc) and with feeds made from the vision and embedding graphs only, the run "
+              "above peaks at 13.5 GB (fp16: unchanged, 21.3 GB; the converter holds the whole decoder).",
               "- Accuracy-aware tuning scores each candidate by min(greedy token agreement, min logits cosine on "
               "the greedy path) against PyTorch fp32, relative to the fp32 graphs' own score. The fully "
               "calibrated int8 graphs already keep 0.99998 of it, so a 0.999 target falls nothing back; the row "
