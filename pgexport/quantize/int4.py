@@ -74,6 +74,7 @@ from pgexport.quantize.int8 import (
 
 METHODS = ("rtn", "hqq")
 BITS = 4
+IMPLICIT_ZERO_POINT = 1 << (BITS - 1)  # MatMulNBits without zero points: 8
 HQQ_PIECE_BYTES = 1 << 20  # the solver's temporaries stay in cache: 9x faster than 32 MB pieces
 
 
@@ -306,7 +307,7 @@ def _hqq(chunk: np.ndarray, block_size: int):
     q, scales, zero = (torch.cat(parts) for parts in zip(*pieces))
     q = q.to(torch.uint8).numpy()  # [N, rows], values 0..15
     packed = (q[:, 0::2] | (q[:, 1::2] << 4)).reshape(q.shape[0], -1, block_size // 2)
-    return packed, scales.numpy(), ((8 - zero) * scales).numpy()
+    return packed, scales.numpy(), ((IMPLICIT_ZERO_POINT - zero) * scales).numpy()
 
 
 def _quantize(weight: _Weight, source: _Source, sink, placeholders: dict, quantize, block_size: int) -> None:
@@ -315,21 +316,25 @@ def _quantize(weight: _Weight, source: _Source, sink, placeholders: dict, quanti
     packed = np.empty((n, blocks, block_size // 2), np.uint8)
     scales = np.empty((n, blocks), np.float32)
     # the quantizer's third output: rtn's uint8 zero points, two a byte, or hqq's float corrections
-    third = np.empty((n, (blocks + 1) // 2), np.uint8) if weight.zp_name else np.empty((n, blocks), np.float32)
+    zero_points = np.empty((n, (blocks + 1) // 2), np.uint8) if weight.zp_name else None
+    corrections = np.empty((n, blocks), np.float32) if weight.correction_name else None
     step = max(2, CHUNK_BYTES // (4 * n * block_size) // 2 * 2) * block_size  # rows: an even number of blocks
     for r0, chunk in source.rows(weight.source, max_bytes=4 * n * step):
         p, s, z = quantize(chunk, block_size)
         b0, nb = r0 // block_size, p.shape[1]
         packed[:, b0 : b0 + nb] = p
         scales[:, b0 : b0 + nb] = s
-        if weight.zp_name:
-            third[:, b0 // 2 : b0 // 2 + z.shape[1]] = z
-        elif weight.correction_name:
-            third[:, b0 : b0 + nb] = z
+        if zero_points is not None:
+            zero_points[:, b0 // 2 : b0 // 2 + z.shape[1]] = z
+        if corrections is not None:
+            corrections[:, b0 : b0 + nb] = z
     sink.put(placeholders[weight.q_name], [packed], packed.nbytes)
-    for name, value in ((weight.scale_name, scales), (weight.zp_name, third), (weight.correction_name, third.T)):
-        if name is None:
-            continue
+    written = [(weight.scale_name, scales)]
+    if zero_points is not None:
+        written.append((weight.zp_name, zero_points))
+    if corrections is not None:
+        written.append((weight.correction_name, corrections.T))  # [blocks, N], the correction MatMul's B
+    for name, value in written:
         tensor = placeholders[name]
         tensor.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(value).reshape(list(tensor.dims)), name))
         _copy_through(tensor, source, sink)
