@@ -150,8 +150,7 @@ class Clock:
 
 def reset_peak_rss() -> bool:
     """Reset the kernel's resident-set high-water mark (VmHWM) to the current RSS."""
-    with contextlib.suppress(OSError, ValueError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)  # give freed heap back first, so the reset starts low
+    release_freed_memory()  # give freed heap back first, so the reset starts low
     try:
         with open("/proc/self/clear_refs", "w") as handle:
             handle.write("5")
@@ -744,7 +743,7 @@ def release_freed_memory() -> None:
     """Hand the heap's freed pages back to the system (glibc's malloc_trim), so that the next
     target's peak RSS does not include what the last one freed but the allocator kept. At 896 px,
     a 15 GB PyTorch prefill left that much resident under the onnxruntime target after it."""
-    with contextlib.suppress(OSError, AttributeError):
+    with contextlib.suppress(OSError, AttributeError, ValueError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
