@@ -42,7 +42,8 @@ PRECISION_LIMIT = 2e-3  # fp16 rounds a normal value by at most 4.9e-4 relative;
 def sample_feeds(folder: Path, graph: str) -> list[dict[str, np.ndarray]]:
     """Real inputs of `graph`: the demo samples through the artifact's fp32 vision and embedding
     graphs. The decoder is not loaded (its input names are read without its weights): a session
-    on the 3B decoder peaked near 20 GB beside the graph being converted."""
+    on the 3B decoder alone peaks at 11.4 GB, and --optimize's feeds were made beside the fused
+    10 GB model."""
     from pgexport.quantize.calibration import PrefillFeeds
     from pgexport.runtime import graph_path
     from pgexport.validate import default_samples
