@@ -16,7 +16,7 @@ _API = {
     "export_onnx": "pgexport.pipeline",
     "quantize_artifact": "pgexport.pipeline",
     "to_coreml": "pgexport.coreml",
-    "distill": "pgexport.distill.train",
+    "distill": None,  # the package itself, callable (pgexport/distill/__init__.py)
     "validate_artifact": "pgexport.validate",
     "OnnxPaliGemma": "pgexport.runtime",
     "load_checkpoint": "pgexport.load",
@@ -28,6 +28,8 @@ def __getattr__(name):
     if name in _API:
         import importlib
 
+        if _API[name] is None:
+            return importlib.import_module(f"pgexport.{name}")
         return getattr(importlib.import_module(_API[name]), name)
     raise AttributeError(f"module 'pgexport' has no attribute {name!r}")
 

@@ -28,8 +28,9 @@ from rich.console import Console
 from rich.table import Table
 
 import pgexport
-from pgexport.errors import BadInputError, GateFailedError, OutputExistsError
-from pgexport.manifest import MANIFEST, read_manifest, sha256_file, staging_folder, verify, versions, write_manifest
+from pgexport.errors import BadInputError, GateFailedError, OutputError
+from pgexport.manifest import MANIFEST, read_manifest, sha256_file, verify, versions, write_manifest
+from pgexport.output import build_lock, check_inputs_apart, staging_folder, written_by_pgexport
 from pgexport.recipe import (
     ARTIFACT_STAGES, CHECK_STAGES, BenchStage, OnnxStage, Recipe, ValidateStage, VerifyStage, kind_of, load_recipe,
 )
@@ -180,13 +181,17 @@ def _finished(out: Path, name: str, key: str) -> dict | None:
     return record
 
 
-def _prepare(out: Path) -> None:
-    """Refuse a folder that is not a build; remove what a killed run leaves (partials, temp files, manifest)."""
-    if out.exists() and not out.is_dir():
-        raise OutputExistsError(f"{out} exists and is not a folder")
+def _claim(out: Path) -> None:
+    """Refuse a folder that is not a build (an empty one becomes one)."""
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise OutputError(f"{out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not (out / MARKERS).is_dir():
-        raise OutputExistsError(f"{out} is not a pgexport build folder (no {MARKERS}/); remove it or choose another output")
+        raise OutputError(f"{out} is not a pgexport build folder (no {MARKERS}/); remove it or choose another output")
     (out / MARKERS).mkdir(parents=True, exist_ok=True)  # first: from here on `out` is a build folder
+
+
+def _clean(out: Path) -> None:
+    """Under the build lock: remove what a killed run left (partials, temp files, manifest)."""
     for leftover in [*out.glob(".*.partial-*"), *out.glob(".*.old-*"), *out.glob(f".{MANIFEST}.tmp-*"),
                      *(out / MARKERS).glob(".*.tmp-*")]:
         if leftover.is_dir():
@@ -201,8 +206,9 @@ def _prune(out: Path, names: set[str]) -> list[str]:
     removed = []
     for marker in (out / MARKERS).glob("*.json"):
         if marker.stem not in names:
-            if (out / marker.stem).is_dir():
-                shutil.rmtree(out / marker.stem)
+            stale = out / marker.stem
+            if stale.is_dir() and not stale.is_symlink() and written_by_pgexport(stale):
+                shutil.rmtree(stale)
             marker.unlink()  # last, so a killed prune is redone by the next run
             removed.append(marker.stem)
     return removed
@@ -306,11 +312,20 @@ def build(recipe: str | Path | dict | Recipe, output: str | Path | None = None, 
     checked against it. Returns the summary; raises RecipeError (exit 4) before any work on a bad
     recipe, BuildGateFailed (exit 6, summary attached) when a gate fails.
     """
+    recipe_file = recipe if isinstance(recipe, (str, Path)) else None
     recipe = load_recipe(recipe)
     out = Path(output if output is not None else recipe.output)
     recipe = dataclasses.replace(recipe, output=str(out))  # the manifest records where it was built
+    check_inputs_apart(out, [recipe_file, checkpoint_of(recipe),
+                             *(getattr(stage, "eval_file", None) for stage in recipe.stages)])
+    _claim(out)
+    with build_lock(out):
+        _clean(out)
+        return _build(recipe, out, force, progress)
+
+
+def _build(recipe: Recipe, out: Path, force: bool, progress: bool) -> dict:
     console = Console(stderr=True, quiet=not progress, highlight=False)
-    _prepare(out)
     checkpoint = checkpoint_of(recipe)
     source = {"checkpoint": checkpoint,
               "content_sha256": content_sha256(Path(checkpoint)) if Path(checkpoint).is_dir() else None}

@@ -25,8 +25,9 @@ class BadInputError(PgExportError):
     exit_code = 4
 
 
-class OutputExistsError(PgExportError):
-    """The output folder exists and --force was not given."""
+class OutputError(PgExportError):
+    """The output cannot be written: it exists (and --force was not given), it is not pgexport's
+    to replace, it is or holds an input, or the disk is read-only or full."""
 
     exit_code = 5
 

@@ -1,20 +1,17 @@
-"""manifest.json: what an artifact folder holds and how it was made, and the atomic-write helpers."""
+"""manifest.json: what an artifact folder holds and how it was made (where outputs go: pgexport.output)."""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import json
-import os
 import platform
-import shutil
-import tempfile
 from importlib import metadata
 from pathlib import Path
 
-from pgexport.errors import BadInputError, OutputExistsError
+from pgexport.errors import BadInputError
+from pgexport.output import MANIFEST, STAGING_MARK
 
-MANIFEST = "manifest.json"
 VERSIONED = ("pgexport", "torch", "transformers", "onnx", "onnxruntime", "onnxscript", "numpy")
 
 
@@ -27,10 +24,11 @@ def sha256_file(path: Path) -> str:
 
 
 def file_entries(folder: Path) -> dict[str, dict]:
-    """Every file under `folder` except its own manifest (nested ones are listed): relative path -> {sha256, bytes}."""
+    """Every file under `folder` except its own manifest and a staging mark (nested manifests are
+    listed): relative path -> {sha256, bytes}."""
     entries = {}
     for path in sorted(Path(folder).rglob("*")):
-        if path.is_file() and path != Path(folder) / MANIFEST:
+        if path.is_file() and path != Path(folder) / MANIFEST and path != Path(folder) / STAGING_MARK:
             entries[path.relative_to(folder).as_posix()] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
     return entries
 
@@ -51,13 +49,39 @@ def write_manifest(folder: Path, **fields) -> dict:
 
 
 def read_manifest(folder: Path) -> dict:
+    """The manifest of a pgexport folder; BadInputError when it is missing or malformed."""
     path = Path(folder) / MANIFEST
+    if not Path(folder).is_dir():
+        raise BadInputError(f"{folder}: no such folder")
     if not path.is_file():
         raise BadInputError(f"{folder}: no {MANIFEST}; not a pgexport artifact")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise BadInputError(f"{path}: unreadable ({error})") from error
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise BadInputError(f"{path}: unreadable ({str(error)[:120]})") from error
+    if not isinstance(manifest, dict):
+        raise BadInputError(f"{path}: malformed (not a JSON object)")
+    files = manifest.get("files", {})
+    if not isinstance(files, dict) or not all(
+        isinstance(entry, dict) and isinstance(entry.get("bytes"), int) and isinstance(entry.get("sha256"), str)
+        for entry in files.values()
+    ):
+        raise BadInputError(f"{path}: malformed \"files\" (expected {{name: {{sha256, bytes}}}})")
+    return manifest
+
+
+def size_problems(folder: Path, manifest: dict, names=None) -> list[str]:
+    """The cheap part of verify, for files about to be read: each of `names` (default: every file
+    the manifest lists) is present with the size the manifest records."""
+    files = manifest.get("files", {})
+    problems = []
+    for name in sorted(files if names is None else names):
+        path = Path(folder) / name
+        if name not in files or not path.is_file():
+            problems.append(f"missing: {name}")
+        elif path.stat().st_size != files[name]["bytes"]:
+            problems.append(f"size differs: {name} ({path.stat().st_size} bytes, manifest {files[name]['bytes']})")
+    return problems
 
 
 def verify(folder: Path) -> list[str]:
@@ -68,6 +92,12 @@ def verify(folder: Path) -> list[str]:
     folder = Path(folder)
     expected = read_manifest(folder).get("files", {})
     problems = []
+    inside = folder.resolve()
+    for path in sorted(folder.rglob("*")):
+        if path.is_symlink() and inside not in path.resolve().parents:
+            problems.append(f"symlink out of the folder: {path.relative_to(folder).as_posix()}")
+    if problems:
+        return problems  # never hash what lies outside the artifact
     present = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and p != folder / MANIFEST}
     for name in sorted(set(expected) - present):
         problems.append(f"missing: {name}")
@@ -80,37 +110,3 @@ def verify(folder: Path) -> list[str]:
         elif sha256_file(path) != entry["sha256"]:
             problems.append(f"sha256 differs: {name}")
     return problems
-
-
-def check_output(output: Path, force: bool) -> None:
-    """Refuse an existing output folder unless `force`, before any work starts."""
-    if output.exists() and not force:
-        raise OutputExistsError(f"{output} exists; pass --force to replace it")
-    if output.exists() and not output.is_dir():
-        raise OutputExistsError(f"{output} exists and is not a folder")
-
-
-@contextlib.contextmanager
-def staging_folder(output: Path, force: bool):
-    """Yield a temporary folder beside `output`; move it into place only when the block succeeds.
-
-    An interrupted run leaves at most a `.<name>.partial-*` folder, never something at `output`
-    that looks complete. With `force`, an existing output is replaced only after the new one is
-    finished, so a failure keeps the old artifact.
-    """
-    output = Path(output)
-    check_output(output, force)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
-    try:
-        yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    if output.exists():
-        retired = output.with_name(f".{output.name}.old-{os.getpid()}")
-        output.rename(retired)
-        staging.rename(output)
-        shutil.rmtree(retired, ignore_errors=True)
-    else:
-        staging.rename(output)

@@ -13,9 +13,10 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 import pgexport
 from pgexport.errors import BadInputError, GateFailedError
-from pgexport.exporters.onnx import DEFAULT_OPSET, export_graphs
-from pgexport.load import Checkpoint, load_checkpoint
-from pgexport.manifest import MANIFEST, read_manifest, staging_folder, write_manifest
+from pgexport.exporters.onnx import DEFAULT_OPSET, check_opset, export_graphs
+from pgexport.load import Checkpoint, default_model, load_checkpoint
+from pgexport.manifest import MANIFEST, read_manifest, size_problems, write_manifest
+from pgexport.output import check_output, staging_folder
 from pgexport.quantize.artifact import QuantizeOptions, plan_variants, quantize_variants, size_report
 from pgexport.runtime import GRAPHS, graph_path
 
@@ -105,14 +106,16 @@ def export_onnx(
     from pgexport.validate import reference_outputs, validate as run_gate
 
     output = Path(output)
+    check_opset(opset)
     quantize = (quantize or QuantizeOptions()).check()
     variants = plan_variants(_methods(int8, int4, fp16), graphs)
+    inputs = [model if model is not None else default_model(), eval_file, quantize.calibration]
     options = {"int8": int8, "opset": opset, "validate": validate}
     if variants.keys() - {"int8"} or graphs:
         options.update(int4=int4, fp16=fp16, graphs=graphs or {}, quantize=quantize.__dict__)
     dtypes = ["fp32", *variants]
     started = time.perf_counter()
-    with staging_folder(output, force) as staging, stages(4 + bool(variants) + 2 * validate, progress) as advance:
+    with staging_folder(output, force, inputs) as staging, stages(4 + bool(variants) + 2 * validate, progress) as advance:
         advance("loading checkpoint")
         checkpoint = load_checkpoint(model, allow_pickle=allow_pickle)
         advance("exporting ONNX graphs")
@@ -165,7 +168,8 @@ def _runtime_manifest(folder: Path, fields: dict) -> None:
 
 def _link_or_copy(source: Path, target: Path) -> None:
     """Hard link when the file system allows (a 3B artifact is 14 GB), else copy. Safe for the
-    input: every writer here replaces files by rename, never writes into one in place."""
+    input: the files a run writes are never linked (quantize_artifact leaves them out), and every
+    writer makes a new file (quantize.artifact.fresh_target) rather than writing into one."""
     target.parent.mkdir(parents=True, exist_ok=True)
     try:
         os.link(source, target)
@@ -206,20 +210,25 @@ def quantize_artifact(
     for graph in GRAPHS:
         if not graph_path(artifact, graph, "fp32").is_file():
             raise BadInputError(f"{artifact}: missing the fp32 graph onnx/{graph}.onnx")
-    if output.resolve() == artifact.resolve():
-        raise BadInputError(f"{output}: the output is the input artifact; choose another folder")
+    source_checkpoint = (source_manifest.get("source") or {}).get("checkpoint")
+    inputs = [artifact, reference or source_checkpoint, eval_file, quantize.calibration]
+    check_output(output, force, inputs)
+    problems = size_problems(artifact, source_manifest)
+    if problems:
+        raise BadInputError(f"{artifact}: {problems[0]}" + (f" and {len(problems) - 1} more" if len(problems) > 1 else "")
+                            + "; run pgexport verify")
     _check_sources(artifact, variants)
     dtypes = list(dict.fromkeys([*source_manifest.get("dtypes", ["fp32"]), *variants]))
+    remade = _graph_files(artifact, variants)  # made anew in the output, so never links to the input's
     started = time.perf_counter()
-    with staging_folder(output, force) as staging, stages(4 + validate, progress) as advance:
+    with staging_folder(output, force, inputs) as staging, stages(4 + validate, progress) as advance:
         advance("linking the input artifact")
-        for path in sorted(artifact.rglob("*")):
-            if path.is_file() and path.name != MANIFEST:
-                _link_or_copy(path, staging / path.relative_to(artifact))
+        for name in sorted(set(source_manifest.get("files", {})) - remade):
+            _link_or_copy(artifact / name, staging / name)
         reference_run = evaluate = None
         if validate:
             advance("running the PyTorch reference")
-            checkpoint = load_checkpoint(reference or source_manifest["source"]["checkpoint"], allow_pickle=allow_pickle)
+            checkpoint = load_checkpoint(reference or source_checkpoint, allow_pickle=allow_pickle)
             reference_run = reference_outputs(
                 checkpoint.model, checkpoint.processor, eval_rows=eval_rows_for(checkpoint, eval_file)
             )
@@ -249,6 +258,16 @@ def quantize_artifact(
         manifest = write_manifest(staging, **fields, parity=parity)
     _raise_if_failed(parity)
     return manifest
+
+
+def _graph_files(artifact: Path, variants: dict) -> set[str]:
+    """The files (graph and external data, relative) the variants' graphs are written to."""
+    names = set()
+    for graphs in variants.values():
+        for graph, precision in graphs.items():
+            path = graph_path(artifact, graph, precision).relative_to(artifact).as_posix()
+            names |= {path, f"{path}.data"}
+    return names
 
 
 def _check_sources(artifact: Path, variants: dict) -> None:

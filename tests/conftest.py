@@ -1,27 +1,88 @@
 """Shared fixtures: random-weight checkpoints of several shapes and their exported artifacts,
-built once per session (each export takes seconds)."""
+built once per session (each export takes seconds), and the guard that no test's command writes
+into its inputs."""
 
 from __future__ import annotations
+
+import hashlib
+from pathlib import Path
 
 import pytest
 
 from pgexport.random_model import random_checkpoint
 
 
+class InputGuard:
+    """The folders commands read as inputs (checkpoints, artifacts), as they were when made: every
+    file's sha256 and (inode, size, mtime), and the list of entries. `changes()` lists what differs:
+    a file written in place (even with the same bytes), replaced, removed, or a new entry."""
+
+    def __init__(self):
+        self.folders: dict[Path, dict] = {}
+
+    @staticmethod
+    def _scan(folder: Path) -> dict:
+        entries = {}
+        for path in sorted(folder.rglob("*")):
+            stat = path.lstat()
+            entries[path.relative_to(folder).as_posix()] = (stat.st_ino, stat.st_size, stat.st_mtime_ns) \
+                if path.is_file() else "dir"
+        return entries
+
+    @staticmethod
+    def sha256(folder: Path) -> dict[str, str]:
+        return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in sorted(folder.rglob("*")) if p.is_file()}
+
+    def add(self, folder) -> Path:
+        folder = Path(folder)
+        self.folders[folder] = {"entries": self._scan(folder), "sha256": self.sha256(folder)}
+        return folder
+
+    def changes(self, full: bool = False) -> list[str]:
+        found = []
+        for folder, before in self.folders.items():
+            now = self._scan(folder) if folder.is_dir() else {}
+            for name in sorted(set(before["entries"]) | set(now)):
+                if before["entries"].get(name) != now.get(name):
+                    found.append(f"{folder / name}: {before['entries'].get(name)} -> {now.get(name)}")
+            if full and folder.is_dir() and self.sha256(folder) != before["sha256"]:
+                found.append(f"{folder}: file contents changed")
+        return found
+
+
 @pytest.fixture(scope="session")
-def checkpoint_factory(tmp_path_factory):
+def input_guard():
+    from pgexport.demo import CHECKPOINT_DIR
+
+    guard = InputGuard()
+    guard.add(CHECKPOINT_DIR)  # every command without MODEL reads it
+    yield guard
+    assert not guard.changes(full=True), "an input was written to"
+
+
+@pytest.fixture(autouse=True)
+def inputs_untouched(input_guard):
+    """After every test: no command wrote into, replaced or added to a guarded input folder."""
+    yield
+    changes = input_guard.changes()
+    assert not changes, f"inputs written to: {changes[:5]}"
+
+
+@pytest.fixture(scope="session")
+def checkpoint_factory(tmp_path_factory, input_guard):
     made = {}
 
     def make(preset: str):
         if preset not in made:
-            made[preset] = random_checkpoint(preset, tmp_path_factory.mktemp(preset) / "checkpoint")
+            made[preset] = input_guard.add(random_checkpoint(preset, tmp_path_factory.mktemp(preset) / "checkpoint"))
         return made[preset]
 
     return make
 
 
 @pytest.fixture(scope="session")
-def artifact_factory(tmp_path_factory, checkpoint_factory):
+def artifact_factory(tmp_path_factory, checkpoint_factory, input_guard):
     """preset -> (checkpoint folder, artifact folder, manifest), exported with the gate on."""
     from pgexport.pipeline import export_onnx
 
@@ -33,7 +94,7 @@ def artifact_factory(tmp_path_factory, checkpoint_factory):
             checkpoint = checkpoint_factory(preset)
             output = tmp_path_factory.mktemp(f"{preset}-artifact") / "out"
             manifest = export_onnx(checkpoint, output, int8=int8, progress=False)
-            made[key] = (checkpoint, output, manifest)
+            made[key] = (checkpoint, input_guard.add(output), manifest)
         return made[key]
 
     return make

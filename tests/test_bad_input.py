@@ -8,7 +8,7 @@ from click.testing import CliRunner
 
 from pgexport import pipeline
 from pgexport.cli import main
-from pgexport.errors import BadInputError, BadModelError, OutputExistsError, UnsupportedError
+from pgexport.errors import BadInputError, BadModelError, OutputError, UnsupportedError
 
 
 def run(*args):
@@ -75,7 +75,7 @@ def test_existing_output_refused_and_kept(tmp_path, checkpoint_factory):
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     code, err = run("onnx", checkpoint_factory("tiny-pg1"), "-o", out)
-    assert code == OutputExistsError.exit_code and "--force" in err
+    assert code == OutputError.exit_code and "--force" in err
     assert (out / "keep.txt").read_text() == "mine"
 
 

@@ -175,12 +175,12 @@ def test_bad_input_fails_before_any_work(args, code, message, tmp_path):
 
 def test_library_rejects_unknown_compression_and_existing_output(tmp_path):
     from pgexport.coreml.convert import to_coreml
-    from pgexport.errors import BadInputError, OutputExistsError
+    from pgexport.errors import BadInputError, OutputError
 
     with pytest.raises(BadInputError, match="unknown compression 'int3'"):
         to_coreml(None, tmp_path / "a", compress="int3")
     (tmp_path / "b").mkdir()
-    with pytest.raises(OutputExistsError):
+    with pytest.raises(OutputError):
         to_coreml(None, tmp_path / "b")
 
 

@@ -11,11 +11,11 @@ from pgexport.manifest import sha256_file
 
 
 @pytest.fixture(scope="module")
-def demo_artifact(tmp_path_factory):
+def demo_artifact(tmp_path_factory, input_guard):
     out = tmp_path_factory.mktemp("demo") / "out"
     result = CliRunner().invoke(main, ["onnx", "--int8", "-o", str(out)])
     assert result.exit_code == 0, result.output
-    return out, result.output
+    return input_guard.add(out), result.output
 
 
 def test_demo_export_passes_its_gates(demo_artifact):

@@ -175,7 +175,7 @@ def test_embedding_table(tmp_path, bits, rows, cols, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
+def demo(tmp_path_factory, input_guard):
     """The demo model exported by the CLI with a mixed variant (gate off), and 40 held-out rows."""
     from pgexport.demo import EVAL_FILE
 
@@ -187,7 +187,7 @@ def demo(tmp_path_factory):
     for row in rows:
         row["image"] = str(EVAL_FILE.parent / row["image"])
     (folder / "eval.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return folder / "art", folder / "eval.jsonl"
+    return input_guard.add(folder / "art"), folder / "eval.jsonl"
 
 
 def test_onnx_command_writes_a_mixed_variant(demo):

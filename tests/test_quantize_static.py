@@ -28,13 +28,13 @@ CALIBRATION_ROWS = 32  # the default
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
+def demo(tmp_path_factory, input_guard):
     """The demo model's fp32 artifact (gate off: this file tests the quantized graphs against it)."""
     from pgexport.pipeline import export_onnx
 
     out = tmp_path_factory.mktemp("static-demo") / "fp32"
     export_onnx(None, out, validate=False, progress=False)
-    return out
+    return input_guard.add(out)
 
 
 @pytest.fixture(scope="module")

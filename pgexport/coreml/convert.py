@@ -250,8 +250,9 @@ def to_coreml(
     """
     from pgexport.coreml import package_readme
     from pgexport.coreml.spec import check_spec
-    from pgexport.load import load_checkpoint
-    from pgexport.manifest import check_output, staging_folder, write_manifest
+    from pgexport.load import default_model, load_checkpoint
+    from pgexport.manifest import write_manifest
+    from pgexport.output import check_output, staging_folder, temp_files_in
     from pgexport.pipeline import save_model_files, stages
 
     output = Path(output)
@@ -259,10 +260,12 @@ def to_coreml(
     config = read_config(model)
     if config is not None:
         max_context = check_context(config, max_context)
-    check_output(output, force)
+    inputs = [model if model is not None else default_model()]
+    check_output(output, force, inputs)
     ct = import_optional("coremltools", "coreml")
     started = time.perf_counter()
-    with staging_folder(output, force) as staging, stages(7 + validate, progress) as advance:
+    with (staging_folder(output, force, inputs) as staging, stages(7 + validate, progress) as advance,
+          temp_files_in(staging / ".tmp") as scratch_files):
         advance("loading checkpoint")
         checkpoint = load_checkpoint(model, allow_pickle=allow_pickle)
         max_context = check_context(checkpoint.config, max_context)
@@ -326,6 +329,7 @@ def to_coreml(
                     "hidden_size": text.hidden_size, "vocab_size": text.vocab_size}
         spec = {"expected": expected, "problems": check_spec(staging, expected)}
         advance("writing manifest")
+        shutil.rmtree(scratch_files)  # coremltools' temporary packages, all saved or released by now
         fields.update(packages=packages, memory=memory, spec_check=spec, parity=parity,
                       export_seconds=round(time.perf_counter() - started, 2))
         manifest = write_manifest(staging, **fields)

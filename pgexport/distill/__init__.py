@@ -10,3 +10,19 @@ through the same pipeline (`pgexport distill`, `pgexport.distill.train.distill`)
 
 Kept free of heavy imports so that `pgexport --help` stays fast.
 """
+
+import sys
+import types
+
+
+class _CallablePackage(types.ModuleType):
+    """`pgexport.distill(...)` runs the distillation: importing this package binds it as the
+    attribute `pgexport.distill`, which would otherwise shadow the function of that name."""
+
+    def __call__(self, *args, **kwargs):
+        from pgexport.distill.train import distill
+
+        return distill(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallablePackage

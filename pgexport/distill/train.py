@@ -28,11 +28,14 @@ from pgexport.distill.data import DemoTaskRows, FileRows, collate
 from pgexport.distill.loss import distill_loss, hidden_pairs
 from pgexport.distill.report import evaluate, latency_ms, write_report
 from pgexport.distill.student import init_student, layer_map, parameter_count
-from pgexport.errors import BadInputError, OutputExistsError
-from pgexport.load import Checkpoint, load_checkpoint
-from pgexport.manifest import check_output, staging_folder
+from pgexport.errors import BadInputError, OutputError
+from pgexport.load import Checkpoint, default_model, load_checkpoint
+from pgexport.manifest import write_manifest
+from pgexport.output import check_inputs_apart, check_output, staging_folder
 
+FORMAT = "pgexport-distill/1"  # the student folder's manifest.json
 PROGRESS = "progress.json"
+RUN_MARK = ".pgexport-distill-run"  # in the checkpoints folder: --force may restart (remove) it
 
 
 @dataclass
@@ -154,8 +157,16 @@ def _check_resume(work: Path, config: DistillConfig, resume: bool, force: bool) 
             raise BadInputError(f"--resume with different options than the saved run ({', '.join(differ)})")
         return progress
     if work.exists() and not force:
-        raise OutputExistsError(f"{work} holds an unfinished run: pass --resume to continue it or --force to restart")
+        raise OutputError(f"{work} holds an unfinished run: pass --resume to continue it or --force to restart")
+    if work.exists() and not _run_folder(work):
+        raise OutputError(f"{work} exists and is not a pgexport distillation run; --force does not replace it")
     return None
+
+
+def _run_folder(work: Path) -> bool:
+    """A checkpoint folder a distill run made (its mark or progress file), or an empty one."""
+    return work.is_dir() and not work.is_symlink() and (
+        (work / RUN_MARK).is_file() or (work / PROGRESS).is_file() or not any(work.iterdir()))
 
 
 def _progress_bar(enabled: bool):
@@ -198,7 +209,9 @@ def distill(
     # processes as one data-parallel CPU job (gloo) rather than N independent runs.
     accelerator = Accelerator(mixed_precision=config.resolved_precision(), cpu=not torch.cuda.is_available())
     main = accelerator.is_main_process
-    check_output(output, force)
+    inputs = [teacher if teacher is not None else default_model(), train, eval_file]
+    check_output(output, force, inputs)
+    check_inputs_apart(work_folder(output), inputs)
 
     # Everything that can be wrong is checked before training starts.
     teacher = load_checkpoint(teacher)
@@ -240,6 +253,8 @@ def distill(
             shutil.rmtree(work)
         accelerator.wait_for_everyone()
         work.mkdir(parents=True, exist_ok=True)
+        if main:
+            (work / RUN_MARK).write_text(f"{output.name}\n")
         start = {}
         if main:
             start = {"teacher": evaluate(teacher.model, teacher.processor, eval_rows),
@@ -339,5 +354,7 @@ def finish(run: Run, model, state: dict, output: Path, force: bool, last: dict, 
         model.save_pretrained(staging)
         save_model_files(Checkpoint(model, teacher.processor, "distilled", None, teacher.family), staging)
         write_report(report, staging)
+        write_manifest(staging, format=FORMAT, source={"teacher": teacher.source, "sha256": teacher.sha256},
+                       options=asdict(config))
     return report
 

@@ -208,10 +208,15 @@ def _add_logits_to_keep(model: onnx.ModelProto) -> None:
         model.graph.node.insert(position + offset, new)
 
 
-def export_graph(model, spec: GraphSpec, out_dir: Path, opset: int = DEFAULT_OPSET) -> Path:
-    """Export one graph of `model` into `out_dir` and return its path."""
+def check_opset(opset: int) -> int:
     if not MIN_OPSET <= opset <= MAX_OPSET:
         raise UnsupportedError(f"opset {opset} is not supported: choose {MIN_OPSET}..{MAX_OPSET}")
+    return opset
+
+
+def export_graph(model, spec: GraphSpec, out_dir: Path, opset: int = DEFAULT_OPSET) -> Path:
+    """Export one graph of `model` into `out_dir` and return its path."""
+    check_opset(opset)
     module = spec.wrapper(model).eval()
     path = Path(out_dir) / spec.filename
     external = _parameter_bytes(module) > EXTERNAL_DATA_THRESHOLD

@@ -106,10 +106,12 @@ def quantize_graph(folder: Path, graph: str, precision: str, options: QuantizeOp
                    evaluate=None) -> dict:
     """Make `onnx/<graph><suffix>.onnx` of `folder` from its fp32 graph; returns the method's info."""
     src, dst = graph_path(folder, graph, "fp32"), graph_path(folder, graph, precision)
+    fresh_target(dst)
     if options.optimize and graph != "embed_tokens":
         from pgexport.quantize.optimize import optimize_graph
 
         fused = src.with_name(f".{graph}_optimized.onnx")
+        fresh_target(fused)
         try:
             report = optimize_graph(folder, graph, src, fused)
             info = _quantize_file(folder, graph, precision, fused, dst, options, progress, evaluate)
@@ -118,6 +120,14 @@ def quantize_graph(folder: Path, graph: str, precision: str, options: QuantizeOp
                 leftover.unlink(missing_ok=True)
         return {**info, "optimized": report}
     return _quantize_file(folder, graph, precision, src, dst, options, progress, evaluate)
+
+
+def fresh_target(path: Path) -> None:
+    """Remove `path` and its external data before a writer creates them: a file there may be a
+    hard link to an input's file (quantize_artifact links the input artifact), and writing into
+    it, as onnx.save does, would change the input."""
+    for old in (path, path.with_name(path.name + ".data")):
+        old.unlink(missing_ok=True)
 
 
 def _quantize_file(folder: Path, graph: str, precision: str, src: Path, dst: Path, options: QuantizeOptions,

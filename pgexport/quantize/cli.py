@@ -69,6 +69,8 @@ def quantize_command(artifact, output, methods, vision, decoder, embed, int4_met
     from pgexport.cli import console, parity_table
     from pgexport.pipeline import quantize_artifact
 
+    if not methods and not (vision or decoder or embed):
+        raise click.UsageError("nothing to quantize: give --method, or a precision with --vision, --decoder or --embed")
     manifest = quantize_artifact(
         artifact, output, methods=list(methods), graphs={"vision": vision, "decoder": decoder, "embed": embed},
         quantize=options_from(int4_method, block_size, accuracy_level, calibration, accuracy_target, optimize),

@@ -24,6 +24,7 @@ fp16 sessions of the check run one after the other.
 from __future__ import annotations
 
 import gc
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -169,15 +170,20 @@ def convert_fp16(folder: Path, graph: str, src: Path, dst: Path, *, progress: bo
     dst.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dst.parent) as scratch:
         model = _load_inferred(src, Path(scratch))
-    nodes = len(model.graph.node)
-    converted = convert_float_to_float16(model, keep_io_types=False, node_block_list=sorted(keep), disable_shape_infer=True)
-    del model
-    if large:  # weights beside the graph, as the export writes them
-        onnx.save(converted, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
-                  location=dst.name + ".data", size_threshold=1024)
-    else:
-        onnx.save(converted, str(dst))
-    del converted
+        nodes = len(model.graph.node)
+        converted = convert_float_to_float16(model, keep_io_types=False, node_block_list=sorted(keep),
+                                             disable_shape_infer=True)
+        del model
+        # Saved in the scratch folder, then renamed over dst (data first): never written in place.
+        staged = Path(scratch) / dst.name
+        if large:  # weights beside the graph, as the export writes them
+            onnx.save(converted, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
+                      location=dst.name + ".data", size_threshold=1024)
+            os.replace(staged.with_name(dst.name + ".data"), dst.with_name(dst.name + ".data"))
+        else:
+            onnx.save(converted, str(staged))
+        os.replace(staged, dst)
+        del converted
     gc.collect()
 
     check = {}
