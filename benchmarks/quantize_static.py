@@ -31,11 +31,15 @@ GRAPHS = ("vision_encoder", "decoder_model_merged")
 
 def with_graphs(artifact: Path, folder: Path, graphs: dict[str, Path]) -> Path:
     """A copy of the artifact whose fp32 graph files are the given ones."""
+    from pgexport.manifest import read_manifest, write_manifest
+
     if folder.exists():
         shutil.rmtree(folder)
     shutil.copytree(artifact, folder, ignore=shutil.ignore_patterns(".nc-workspace*", "*_int8_static*", "candidates"))
     for graph, path in graphs.items():
         shutil.copy(path, folder / "onnx" / f"{graph}.onnx")
+    fields = {k: v for k, v in read_manifest(folder).items() if k not in ("files", "versions")}
+    write_manifest(folder, **fields)  # the runtime refuses graphs the manifest does not describe
     return folder
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -11,10 +13,21 @@ from rich.console import Console
 from rich.table import Table
 
 from pgexport import __version__
-from pgexport.errors import EXIT_INTERNAL, GateFailedError, PgExportError
+from pgexport.errors import EXIT_INTERNAL, BadInputError, GateFailedError, OutputError, PgExportError
 from pgexport.quantize.cli import options_from, print_sizes, quantize_options
 
 console = Console()
+
+
+def os_error_exit(error: OSError) -> int | None:
+    """The exit code of an OSError that is the machine's, not a bug: a full or read-only disk, or
+    an output folder we may not write is 5; an input we may not read is 4. None: a bug (1)."""
+    if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+        return OutputError.exit_code
+    if error.errno in (errno.EACCES, errno.EPERM):
+        unreadable = error.filename and os.path.exists(error.filename) and not os.access(error.filename, os.R_OK)
+        return BadInputError.exit_code if unreadable else OutputError.exit_code
+    return None
 
 
 def parity_table(parity: dict) -> Table:
@@ -59,6 +72,14 @@ class Command(click.Group):
         except KeyboardInterrupt:
             click.echo("interrupted: nothing was written at the output path", err=True)
             sys.exit(130)
+        except OSError as error:
+            code = os_error_exit(error)
+            if code is None:
+                click.echo(f"internal error: {type(error).__name__}: {error}", err=True)
+                sys.exit(EXIT_INTERNAL)
+            # The disk or the permissions, not pgexport: the staging folder is gone, the old output untouched.
+            click.echo(f"error: {error.filename or 'the output'}: {error.strerror}", err=True)
+            sys.exit(code)
         except Exception as error:  # noqa: BLE001 - the last line of defence, with its own exit code
             click.echo(f"internal error: {type(error).__name__}: {error}", err=True)
             sys.exit(EXIT_INTERNAL)
@@ -119,11 +140,16 @@ def onnx_command(model, output, int8, int4, fp16, vision, decoder, embed, int4_m
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.option("--image", "images", multiple=True, required=True, type=click.Path(path_type=Path), help="Image file; repeat for a batch.")
 @click.option("--prompt", "prompts", multiple=True, required=True, help="Prompt; one, or one per --image.")
-@click.option("--max-new-tokens", type=int, default=32, show_default=True)
+@click.option("--max-new-tokens", type=click.IntRange(1), default=32, show_default=True,
+              help="At most this many tokens per answer; capped (a line on stderr says so) to what the model's context leaves after the prompt.")
 @click.option("--dtype", help="Precision or variant among the manifest's dtypes (fp32, int8, q4, ...; default: the artifact's).")
+@click.option("--check", is_flag=True, help="Also check the sha256 of each graph file loaded against manifest.json (sizes are always checked).")
 @click.option("--json", "as_json", is_flag=True, help="Print text and token ids as JSON.")
-def generate_command(artifact, images, prompts, max_new_tokens, dtype, as_json):
-    """Answer prompts about images with an exported ARTIFACT on ONNX Runtime (greedy)."""
+def generate_command(artifact, images, prompts, max_new_tokens, dtype, check, as_json):
+    """Answer prompts about images with an exported ARTIFACT on ONNX Runtime (greedy).
+
+    A prompt (image tokens included) that leaves no room in the model's context is refused (exit 4).
+    """
     from pgexport.errors import BadInputError
     from pgexport.runtime import OnnxPaliGemma, open_image
 
@@ -132,7 +158,7 @@ def generate_command(artifact, images, prompts, max_new_tokens, dtype, as_json):
     if len(prompts) != len(images):
         raise BadInputError(f"{len(prompts)} prompts for {len(images)} images: give one prompt, or one per image")
     loaded = [open_image(path) for path in images]
-    results = OnnxPaliGemma(artifact, dtype=dtype).generate(loaded, list(prompts), max_new_tokens=max_new_tokens)
+    results = OnnxPaliGemma(artifact, dtype=dtype, check=check).generate(loaded, list(prompts), max_new_tokens=max_new_tokens)
     if as_json:
         rows = [{"image": str(i), "prompt": p, "text": r.text, "tokens": r.tokens} for i, p, r in zip(images, prompts, results)]
         click.echo(json.dumps(rows if len(rows) > 1 else rows[0], indent=2))

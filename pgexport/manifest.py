@@ -70,17 +70,21 @@ def read_manifest(folder: Path) -> dict:
     return manifest
 
 
-def size_problems(folder: Path, manifest: dict, names=None) -> list[str]:
-    """The cheap part of verify, for files about to be read: each of `names` (default: every file
-    the manifest lists) is present with the size the manifest records."""
+def file_problems(folder: Path, manifest: dict, names=None, sha256: bool = False) -> list[str]:
+    """For files about to be read: each of `names` (default: every file the manifest lists) is
+    listed, present and of the recorded size (cheap), and with `sha256` of the recorded hash."""
     files = manifest.get("files", {})
     problems = []
     for name in sorted(files if names is None else names):
         path = Path(folder) / name
-        if name not in files or not path.is_file():
+        if name not in files:
+            problems.append(f"not in {MANIFEST}: {name}")
+        elif not path.is_file():
             problems.append(f"missing: {name}")
         elif path.stat().st_size != files[name]["bytes"]:
             problems.append(f"size differs: {name} ({path.stat().st_size} bytes, manifest {files[name]['bytes']})")
+        elif sha256 and sha256_file(path) != files[name]["sha256"]:
+            problems.append(f"sha256 differs: {name}")
     return problems
 
 

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -11,12 +13,21 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
-from pgexport.errors import BadInputError
+from pgexport.errors import BadInputError, UnsupportedError
+from pgexport.manifest import file_problems, read_manifest
+
+log = logging.getLogger(__name__)
 
 GRAPHS = ("vision_encoder", "embed_tokens", "decoder_model_merged")
 # transformers.js file-name suffix of each precision (see paligemma-facts.md).
 DTYPE_SUFFIX = {"fp32": "", "fp16": "_fp16", "int8": "_int8", "int8-static": "_int8_static", "q4": "_q4"}
 _ORT_FLOAT = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+# Decoded pixels an image may have, read from its header before decoding: a 12000 x 12000 PNG is a
+# 17 KB file that decodes to 432 MB of RGB and more in the processor. (PIL's own bomb limit is 89M.)
+MAX_IMAGE_PIXELS = 64_000_000
+# Modes PIL gives 16-bit gray (a 16-bit PNG is "I;16"; older PIL and some TIFFs give "I"):
+# `convert("RGB")` clips them at 255, which makes nearly every pixel white.
+_GRAY16_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
 @dataclass
@@ -28,12 +39,38 @@ class Generation:
     logits: list[np.ndarray] = field(default_factory=list, repr=False)
 
 
+def to_rgb(image: Image.Image, name: str = "image") -> Image.Image:
+    """An image as 8-bit RGB, refusing one over MAX_IMAGE_PIXELS before it is decoded.
+
+    16-bit gray (value / 257, rounded) and float images (0..1 when every value is in that range,
+    else 0..255: PIL's scale for "F") are scaled to 8 bits; `convert("RGB")` would clip them.
+    PIL itself opens a 16-bit RGB(A) PNG as 8-bit, keeping each value's high byte.
+    """
+    width, height = image.size
+    if width * height > MAX_IMAGE_PIXELS:
+        raise BadInputError(f"{name} is {width} x {height} pixels, over the limit of {MAX_IMAGE_PIXELS // 10**6} megapixels")
+    if image.mode in _GRAY16_MODES:
+        image = _gray8(np.asarray(image, dtype=np.float64) / 257)
+    elif image.mode == "F":
+        values = np.nan_to_num(np.asarray(image, dtype=np.float64))
+        image = _gray8(values * 255 if 0 <= values.min() and values.max() <= 1 else values)
+    return image.convert("RGB")
+
+
+def _gray8(values: np.ndarray) -> Image.Image:
+    return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8))
+
+
 def open_image(path: str | Path) -> Image.Image:
-    """Open an image as RGB, or raise BadInputError with one line."""
+    """Open an image as 8-bit RGB (see `to_rgb`), or raise BadInputError with one line when it is
+    unreadable, truncated or over MAX_IMAGE_PIXELS (checked from its header, before decoding)."""
     try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except (OSError, ValueError) as error:
+        # PIL warns from the header at 89M pixels and raises at twice that; to_rgb's limit is lower.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                return to_rgb(image, f"image {path}")
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as error:
         raise BadInputError(f"cannot read image {path}: {error}") from error
 
 
@@ -50,10 +87,28 @@ def left_pad_positions(attention_mask: np.ndarray) -> np.ndarray:
 def prepare_inputs(processor, images: list[Image.Image], prompts: list[str]) -> dict[str, np.ndarray]:
     """Processor output for a batch: input_ids, attention_mask (left-padded), pixel_values."""
     processor.tokenizer.padding_side = "left"
+    images = [to_rgb(image) for image in images]
     # One "<image>" per prompt: the processor expands it to the image's tokens and adds bos and "\n".
     text = [processor.image_token + prompt for prompt in prompts]
     inputs = processor(images=images, text=text, return_tensors="np", padding="longest")
     return {key: inputs[key] for key in ("input_ids", "attention_mask", "pixel_values")}
+
+
+def check_graph_files(folder: Path, manifest: dict, graph_files: list[Path], sha256: bool = False) -> None:
+    """Each graph file, and its external data (`<graph>.onnx.data`, any `<graph>.onnx*`), against
+    manifest.json's "files": listed, present, the same size, and with `sha256` the same hash.
+    A manifest without "files" (the provisional one an export runs its gate on) is not checked."""
+    files = manifest.get("files")
+    if files is None:
+        return
+    names = set()
+    for graph_file in graph_files:
+        prefix = graph_file.relative_to(folder).as_posix()
+        names |= {path.relative_to(folder).as_posix() for path in graph_file.parent.glob(graph_file.name + "*")}
+        names |= {name for name in files if name.startswith(prefix)}
+    problems = file_problems(folder, manifest, names, sha256=sha256)
+    if problems:
+        raise BadInputError(f"{folder}: {'; '.join(problems)}: the artifact was changed or damaged (run `pgexport verify {folder}`)")
 
 
 class OnnxPaliGemma:
@@ -61,8 +116,12 @@ class OnnxPaliGemma:
 
     `dtype` picks the variant: a name the manifest maps per graph (its "variants", e.g. "q4" ->
     int8 vision, q4 decoder and table), a precision for every graph ("fp32", "int8", ...), or such
-    a map itself ({"decoder_model_merged": "q4", ...}, transformers.js's per-graph dtype). A graph
-    with no file of its precision (the embedding table of an --int8 artifact, say) runs in fp32.
+    a map itself ({"decoder_model_merged": "q4", ...}, transformers.js's per-graph dtype). A name
+    must be one of the manifest's "dtypes"; a graph with no file of its precision (the embedding
+    table of an --int8 artifact, say) then runs in fp32. A map's files must all be there.
+
+    Before any session is created, each graph file to load (and its external data) is checked
+    against manifest.json: its size always, its sha256 too with `check` (reads every byte).
 
     `prefill_rows` > 0 runs the prompt through the decoder that many rows at a time (the KV
     caches are joined along the batch): the same outputs, with the prefill's activations held for
@@ -70,32 +129,33 @@ class OnnxPaliGemma:
     """
 
     def __init__(self, folder: str | Path, dtype: str | dict | None = None, providers: list[str] | None = None,
-                 threads: int = 0, prefill_rows: int = 0):
-        from transformers import AutoProcessor
+                 threads: int = 0, prefill_rows: int = 0, check: bool = False):
+        from transformers import AutoConfig, AutoProcessor
 
         self.folder = Path(folder)
         if prefill_rows < 0:
             raise BadInputError(f"prefill_rows {prefill_rows}: give 0 (the whole batch) or a positive row count")
         self.prefill_rows = prefill_rows
-        manifest_path = self.folder / "manifest.json"
-        if not manifest_path.is_file() or not (self.folder / "onnx").is_dir():
-            raise BadInputError(f"{folder}: not a pgexport ONNX artifact (no manifest.json or onnx/)")
-        self.manifest = json.loads(manifest_path.read_text())
-        dtype = dtype or self.manifest.get("default_dtype", "fp32")
-        variants = self.manifest.get("variants", {})
-        if isinstance(dtype, dict):
-            self.dtype, graph_dtypes = "custom", dict(dtype)
-        elif dtype in variants:
-            self.dtype, graph_dtypes = dtype, dict(variants[dtype])
-        else:
-            self.dtype, graph_dtypes = dtype, {graph: dtype for graph in GRAPHS}
-        for graph, precision in graph_dtypes.items():
-            if precision not in DTYPE_SUFFIX or graph not in GRAPHS:
-                choices = ", ".join(list(DTYPE_SUFFIX) + [v for v in variants if v not in DTYPE_SUFFIX])
-                raise BadInputError(f"unknown dtype {precision!r} for {graph}: choose from {choices}")
+        if not (self.folder / "manifest.json").is_file():
+            raise BadInputError(f"{folder}: not a pgexport ONNX artifact (no manifest.json)")
+        self.manifest = read_manifest(self.folder)
+        kind = self.manifest.get("format", "pgexport-onnx/1")
+        if kind.startswith("pgexport-coreml/"):
+            # Exit 7, not 4: the folder is a sound artifact; what pgexport cannot do is run Core ML
+            # packages (that needs Core ML, on macOS).
+            raise UnsupportedError(f"{folder} is a Core ML artifact ({kind}), which `pgexport generate` cannot run: "
+                                   "run it with Core ML on macOS (see its README.md), or export ONNX with `pgexport onnx`")
+        if not kind.startswith("pgexport-onnx/"):
+            raise BadInputError(f"{folder}: not a pgexport ONNX artifact (its manifest.json is a {kind} one)")
+        if not (self.folder / "onnx").is_dir():
+            raise BadInputError(f"{folder}: not a pgexport ONNX artifact (no onnx/ folder)")
+        self.dtype, self.graph_dtypes, paths = self._graph_files(dtype)
+        check_graph_files(self.folder, self.manifest, list(paths.values()), sha256=check)
         self.config = json.loads((self.folder / "config.json").read_text())
         self.processor = AutoProcessor.from_pretrained(self.folder)
         self.image_token_id = self.config["image_token_index"]
+        # Positions the decoder has (config.json may leave the Gemma default out).
+        self.context = AutoConfig.from_pretrained(self.folder).text_config.max_position_embeddings
         self.eos_token_id = self.processor.tokenizer.eos_token_id
         self.pad_token_id = self.processor.tokenizer.pad_token_id
         options = ort.SessionOptions()
@@ -104,20 +164,37 @@ class OnnxPaliGemma:
         # initializer that is also an input, which is the point (exporters/onnx.py).
         options.log_severity_level = 3
         providers = providers or ["CPUExecutionProvider"]
-        self.sessions, self.graph_dtypes = {}, {}
-        for graph in GRAPHS:
-            precision = graph_dtypes.get(graph, "fp32")
-            path = graph_path(self.folder, graph, precision)
-            if not path.is_file():
-                precision, path = "fp32", graph_path(self.folder, graph, "fp32")
-            if not path.is_file():
-                raise BadInputError(f"{folder}: missing {path.relative_to(self.folder)}")
-            self.sessions[graph] = ort.InferenceSession(str(path), options, providers=providers)
-            self.graph_dtypes[graph] = precision
+        self.sessions = {graph: ort.InferenceSession(str(path), options, providers=providers) for graph, path in paths.items()}
         decoder = self.sessions["decoder_model_merged"]
         self.past_inputs = [i for i in decoder.get_inputs() if i.name.startswith("past_key_values.")]
         self.float_type = _ORT_FLOAT[decoder.get_inputs()[0].type]  # the decoder's: embeddings and KV cache
         self.pixel_type = _ORT_FLOAT[self.sessions["vision_encoder"].get_inputs()[0].type]
+
+    def _graph_files(self, dtype: str | dict | None) -> tuple[str, dict[str, str], dict[str, Path]]:
+        """(dtype's name, graph -> precision, graph -> file) for what `dtype` loads."""
+        dtype = dtype or self.manifest.get("default_dtype", "fp32")
+        dtypes, variants = self.manifest.get("dtypes", ["fp32"]), self.manifest.get("variants", {})
+        if isinstance(dtype, str) and dtype not in dtypes:
+            raise BadInputError(f"{self.folder} has no {dtype} graphs: its dtypes are {', '.join(dtypes)}")
+        if isinstance(dtype, dict):
+            name, graph_dtypes = "custom", dict(dtype)
+        elif dtype in variants:
+            name, graph_dtypes = dtype, dict(variants[dtype])
+        else:
+            name, graph_dtypes = dtype, {graph: dtype for graph in GRAPHS}
+        for graph, precision in graph_dtypes.items():
+            if precision not in DTYPE_SUFFIX or graph not in GRAPHS:
+                raise BadInputError(f"unknown dtype {precision!r} for {graph}: choose from {', '.join(DTYPE_SUFFIX)}")
+        precisions, paths = {}, {}
+        for graph in GRAPHS:
+            precision = graph_dtypes.get(graph, "fp32")
+            path = graph_path(self.folder, graph, precision)
+            if not path.is_file() and name != "custom":
+                precision, path = "fp32", graph_path(self.folder, graph, "fp32")
+            if not path.is_file():
+                raise BadInputError(f"{self.folder}: missing {path.relative_to(self.folder)}")
+            precisions[graph], paths[graph] = precision, path
+        return name, precisions, paths
 
     def preprocess(self, images: list[Image.Image], prompts: list[str]) -> dict[str, np.ndarray]:
         return prepare_inputs(self.processor, images, prompts)
@@ -154,6 +231,20 @@ class OnnxPaliGemma:
                  for start in range(0, batch, rows)]
         return [np.concatenate(outputs, axis=0) for outputs in zip(*parts)]
 
+    def new_token_budget(self, prompt_tokens: int, max_new_tokens: int) -> int:
+        """How many tokens to generate after a prompt of `prompt_tokens` (image tokens included):
+        `max_new_tokens`, capped so that prompt and answer fit the context."""
+        if max_new_tokens < 1:
+            raise BadInputError(f"max_new_tokens {max_new_tokens}: give a positive number")
+        room = self.context - prompt_tokens
+        if room < 1:
+            raise BadInputError(f"the prompt is {prompt_tokens} tokens (image tokens included), which leaves no room in "
+                                f"the model's context of {self.context}: shorten it")
+        if max_new_tokens > room:
+            log.warning(f"max_new_tokens {max_new_tokens} capped to {room}: the {prompt_tokens}-token prompt "
+                        f"leaves that many of the model's {self.context}-token context")
+        return min(max_new_tokens, room)
+
     def generate_ids(
         self,
         input_ids: np.ndarray,
@@ -166,7 +257,13 @@ class OnnxPaliGemma:
     ) -> tuple[np.ndarray, list[np.ndarray]]:
         """Greedy decoding. Returns new tokens [batch, steps] (pad after a row's eos) and, when
         `keep_logits`, the last-position logits of every step. `forced_tokens` [batch, steps] feeds
-        given tokens instead of the argmax (to compare logits along a reference's path)."""
+        given tokens instead of the argmax (to compare logits along a reference's path).
+
+        A prompt that fills the model's context (`self.context` positions) is refused before
+        anything runs; `max_new_tokens` is capped to the positions the prompt leaves, with a
+        logged warning."""
+        if forced_tokens is None:
+            max_new_tokens = self.new_token_budget(input_ids.shape[1], max_new_tokens)
         batch = input_ids.shape[0]
         decoder = self.sessions["decoder_model_merged"]
         feed = self.prefill_feed(input_ids, attention_mask, pixel_values)

@@ -89,6 +89,7 @@ def test_interrupted_export_leaves_nothing_that_looks_complete(tmp_path, checkpo
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("previous artifact")
+    (out / "manifest.json").write_text(json.dumps({"format": "pgexport-onnx/1"}))  # ours: --force may replace it
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt

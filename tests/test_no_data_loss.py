@@ -221,3 +221,31 @@ def test_sigkill_in_every_command_leaves_inputs_and_old_outputs(tmp_path, artifa
         elif name != "build":
             assert not output.exists(), f"{name}: a killed run left {output}"
     # conftest's input guard checks the checkpoint and both artifacts after this test.
+
+
+def test_a_second_build_of_the_same_folder_exits_5_naming_the_holder(place, tmp_path):
+    from pgexport.output import build_lock
+
+    out = tmp_path / "build"
+    out.mkdir()
+    (out / "stages").mkdir()
+    with build_lock(out):
+        code, errors = run("build", recipe_file(tmp_path, place / "ckpt", out))
+    assert code == OutputError.exit_code and f"pid {os.getpid()}" in errors[0], errors
+
+
+@pytest.mark.parametrize("number, name", [(28, "ENOSPC"), (30, "EROFS")])
+def test_a_full_or_read_only_disk_is_exit_5(place, tmp_path, monkeypatch, number, name):
+    import errno
+
+    from pgexport import pipeline
+
+    assert getattr(errno, name) == number
+
+    def fails(model, folder, opset):
+        raise OSError(number, os.strerror(number), str(folder / "vision_encoder.onnx"))
+
+    monkeypatch.setattr(pipeline, "export_graphs", fails)
+    code, errors = run("onnx", place / "ckpt", "-o", tmp_path / "out", "--no-validate")
+    assert code == OutputError.exit_code and os.strerror(number) in errors[0], errors
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.partial-*"))

@@ -14,6 +14,7 @@ import pytest
 
 from pgexport.demo import EVAL_FILE, load_split
 from pgexport.errors import BadInputError, GateFailedError, UnsupportedError
+from pgexport.manifest import read_manifest, write_manifest
 from pgexport.runtime import OnnxPaliGemma, open_image
 from pgexport.validate import EVAL_MAX_NEW_TOKENS, exact_match
 
@@ -53,10 +54,13 @@ def _fp32(artifact: Path, graph: str) -> Path:
 
 
 def _with_graphs(artifact: Path, folder: Path, graphs: dict[str, Path]) -> Path:
-    """A copy of the artifact whose fp32 graph files are the given ones (so OnnxPaliGemma runs them)."""
+    """A copy of the artifact whose fp32 graph files are the given ones (so OnnxPaliGemma runs them),
+    its manifest rewritten to list them (the runtime refuses graphs the manifest does not describe)."""
     shutil.copytree(artifact, folder)
     for graph, path in graphs.items():
         shutil.copy(path, folder / "onnx" / f"{graph}.onnx")
+    fields = {k: v for k, v in read_manifest(folder).items() if k not in ("files", "versions")}
+    write_manifest(folder, **fields)
     return folder
 
 

@@ -43,7 +43,9 @@ def coreml_generate(vision, decoder, image, input_ids: np.ndarray, image_size: i
     """Greedy decoding on the Core ML packages (macOS) -> (tokens, per-step logits [steps, vocab]).
 
     `vision` and `decoder` need only coremltools' `predict` (and `make_state` for the decoder)."""
-    frame = image.convert("RGB").resize((image_size, image_size), resample=3)  # bicubic, as the processor resizes
+    from pgexport.runtime import to_rgb
+
+    frame = to_rgb(image).resize((image_size, image_size), resample=3)  # bicubic, as the processor resizes
     features = np.asarray(vision.predict({"image": frame})["image_features"]).astype(np.float16)
     state = decoder.make_state()
     ids = input_ids.astype(np.int32)

@@ -48,11 +48,10 @@ class Sample:
     suffix: str
 
     def open_image(self) -> Image.Image:
-        """The image as an RGB PIL image."""
-        if isinstance(self.image, Image.Image):
-            return self.image.convert("RGB")
-        with Image.open(self.image) as image:
-            return image.convert("RGB")
+        """The image as an 8-bit RGB PIL image (16-bit and float images scaled, see runtime.open_image)."""
+        from pgexport.runtime import open_image, to_rgb
+
+        return to_rgb(self.image) if isinstance(self.image, Image.Image) else open_image(self.image)
 
 
 @dataclass(frozen=True)
