@@ -79,10 +79,57 @@ def test_existing_output_refused_and_kept(tmp_path, checkpoint_factory):
     assert (out / "keep.txt").read_text() == "mine"
 
 
-def test_unsupported_opset(tmp_path, checkpoint_factory):
-    code, err = run("onnx", checkpoint_factory("tiny-pg1"), "-o", tmp_path / "out", "--opset", "11")
-    assert code == UnsupportedError.exit_code and "opset 11" in err
+@pytest.mark.parametrize("opset", ["11", "30"])
+def test_unsupported_opset_before_any_work(tmp_path, checkpoint_factory, monkeypatch, opset):
+    def never(*args, **kwargs):
+        raise AssertionError("the checkpoint was loaded before the options were checked")
+
+    monkeypatch.setattr(pipeline, "load_checkpoint", never)
+    code, err = run("onnx", checkpoint_factory("tiny-pg1"), "-o", tmp_path / "out", "--opset", opset)
+    assert code == UnsupportedError.exit_code and f"opset {opset}" in err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("files", [["onnx/a.onnx"], {"onnx/a.onnx": {"sha256": "0" * 64}}, {"a": "b"}, None])
+def test_malformed_manifest_is_bad_input(tmp_path, files):
+    from PIL import Image
+
+    folder = tmp_path / "art"
+    (folder / "onnx").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "x.png")
+    manifest = folder / "manifest.json"
+    manifest.write_text("[1, 2]" if files is None else json.dumps({"format": "pgexport-onnx/1", "files": files}))
+    for args in (["verify", folder], ["generate", folder, "--image", tmp_path / "x.png", "--prompt", "hi"],
+                 ["quantize", folder, "-o", tmp_path / "q", "--method", "int8"]):
+        code, err = run(*args)
+        assert code == BadInputError.exit_code and one_line_error(err) and "malformed" in err, (args, err)
+
+
+def test_verify_refuses_symlinks_out_of_the_artifact(tmp_path, artifact_factory):
+    _, artifact, _ = artifact_factory("tiny-pg1")
+    folder = shutil.copytree(artifact, tmp_path / "art")
+    (tmp_path / "secret.txt").write_text("outside")
+    config = folder / "config.json"
+    config.unlink()
+    config.symlink_to(tmp_path / "secret.txt")
+    code, err = run("verify", folder)
+    assert code == BadInputError.exit_code and "every file matches" not in err
+
+
+def test_quantize_without_a_method_is_usage(tmp_path, artifact_factory):
+    _, artifact, _ = artifact_factory("tiny-pg1")
+    code, err = run("quantize", artifact, "-o", tmp_path / "q")
+    assert code == 2 and "nothing to quantize" in err
+    assert not (tmp_path / "q").exists()
+
+
+def test_distill_stays_callable():
+    import pgexport
+
+    first = pgexport.distill
+    import pgexport.distill.train  # noqa: F401 - binds the subpackage as pgexport.distill
+
+    assert callable(first) and callable(pgexport.distill)
 
 
 def test_interrupted_export_leaves_nothing_that_looks_complete(tmp_path, checkpoint_factory, monkeypatch):
