@@ -7,6 +7,7 @@ and a 2-D head that torch.onnx exports as Gemm) is exported once; every test qua
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -20,7 +21,12 @@ from pgexport.quantize import int8 as q8
 from pgexport.quantize.int8 import quantize_dynamic_int8
 
 HIDDEN, WIDE, NARROW, CLASSES = 17, 73, 41, 5  # int8 weights above and below INLINE_LIMIT
-MAX_REL_ERROR = 0.05  # int8 vs fp32, max |diff| / max |fp32|; measured ~0.01 on this model
+MAX_REL_ERROR = 0.05  # int8 vs fp32, max |diff| / max |fp32|; measured ~0.01 on this model with VNNI
+# onnxruntime's u8s8 MatMulInteger on x86 without VNNI (AVX2's vpmaddubsw) adds pairs of products in
+# int16 with saturation (255 * 127 * 2 > 32767), so the int8 error there depends on the data: 0.066
+# measured on an AMD EPYC with AVX2 only. The output bound is checked where the kernel is exact.
+CPU_FLAGS = set(open("/proc/cpuinfo").read().split()) if Path("/proc/cpuinfo").exists() else set()
+EXACT_INT8_DOT = bool(CPU_FLAGS & {"avx512_vnni", "avx_vnni", "amx_int8"}) or not CPU_FLAGS
 QUANTIZED_NODES = 4  # up, mid, down (MatMul) and head (Gemm)
 
 
@@ -100,17 +106,30 @@ def test_matches_onnxruntime_quantize_dynamic(fp32, reference, tmp_path, per_cha
         np.testing.assert_array_equal(value, theirs[name], err_msg=name)
     weights = {name[: -len("_quantized")]: v for name, v in mine.items() if v.dtype == np.int8 and v.ndim == 2}
     assert len(weights) == QUANTIZED_NODES
+    floats = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(str(inline)).graph.initializer}
     for base, weight in weights.items():  # symmetric: zero points 0; per channel: one per output column
-        assert mine[base + "_scale"].shape == ((weight.shape[1],) if per_channel else ())
-        assert mine[base + "_zero_point"].shape == mine[base + "_scale"].shape
+        scale = mine[base + "_scale"]
+        assert scale.shape == ((weight.shape[1],) if per_channel else ())
+        assert mine[base + "_zero_point"].shape == scale.shape
         assert not mine[base + "_zero_point"].any()
+        # round to nearest: every weight within half a step of its float (plus float32 rounding)
+        original = floats[base] if base in floats else floats[base.removesuffix("_Transposed")].T  # Gemm's transB
+        assert np.all(np.abs(weight * scale - original) <= scale / 2 * (1 + 1e-6)), base
 
-    # hence the same outputs (measured: max |diff| 0.0) and both close to fp32 (measured ~1e-2)
-    expected, ours, ort_int8 = run(inline, feeds), run(dst, feeds), run(reference[per_channel], feeds)
-    for fp, a, b in zip(expected, ours, ort_int8):
+    # hence the same outputs (measured: max |diff| 0.0)
+    ours, ort_int8 = run(dst, feeds), run(reference[per_channel], feeds)
+    for a, b in zip(ours, ort_int8):
         assert np.abs(a - b).max() <= 1e-6
-        assert np.abs(a - fp).max() / np.abs(fp).max() < MAX_REL_ERROR
-        assert np.abs(b - fp).max() / np.abs(fp).max() < MAX_REL_ERROR
+
+
+@pytest.mark.skipif(not EXACT_INT8_DOT, reason="onnxruntime's int8 kernel saturates on x86 without VNNI (see CPU_FLAGS)")
+@pytest.mark.parametrize("per_channel", [False, True], ids=["per-tensor", "per-channel"])
+def test_int8_outputs_stay_close_to_fp32(fp32, tmp_path, per_channel):
+    inline, _, feeds = fp32
+    dst = tmp_path / "tiny_int8.onnx"
+    quantize_dynamic_int8(inline, dst, per_channel=per_channel, progress=False)
+    for fp, ours in zip(run(inline, feeds), run(dst, feeds)):
+        assert np.abs(ours - fp).max() / np.abs(fp).max() < MAX_REL_ERROR
 
 
 def test_graph_has_quantized_ops_and_no_float_weight_matmul(fp32, tmp_path):
