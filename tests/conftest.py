@@ -70,6 +70,19 @@ def inputs_untouched(input_guard):
 
 
 @pytest.fixture(scope="session")
+def demo_artifact(tmp_path_factory, input_guard):
+    """`pgexport onnx --int8` of the demo model, gate on: (folder, what the command printed)."""
+    from click.testing import CliRunner
+
+    from pgexport.cli import main
+
+    out = tmp_path_factory.mktemp("demo") / "out"
+    result = CliRunner().invoke(main, ["onnx", "--int8", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    return input_guard.add(out), result.output
+
+
+@pytest.fixture(scope="session")
 def checkpoint_factory(tmp_path_factory, input_guard):
     made = {}
 

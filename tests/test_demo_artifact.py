@@ -10,14 +10,6 @@ from pgexport.demo import EVAL_FILE, load_split
 from pgexport.manifest import sha256_file
 
 
-@pytest.fixture(scope="module")
-def demo_artifact(tmp_path_factory, input_guard):
-    out = tmp_path_factory.mktemp("demo") / "out"
-    result = CliRunner().invoke(main, ["onnx", "--int8", "-o", str(out)])
-    assert result.exit_code == 0, result.output
-    return input_guard.add(out), result.output
-
-
 def test_demo_export_passes_its_gates(demo_artifact):
     out, printed = demo_artifact
     manifest = json.loads((out / "manifest.json").read_text())

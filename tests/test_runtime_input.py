@@ -25,12 +25,9 @@ DECODER = "onnx/decoder_model_merged.onnx"
 
 
 @pytest.fixture(scope="session")
-def demo(tmp_path_factory):
-    """The demo model exported with --int8 (no parity gate: these tests are about the runtime)."""
-    out = tmp_path_factory.mktemp("runtime-input") / "demo"
-    result = CliRunner().invoke(main, ["onnx", "--int8", "--no-validate", "-o", str(out)])
-    assert result.exit_code == 0, result.output
-    return out
+def demo(demo_artifact):
+    """The demo model exported with --int8 (conftest; shared with test_demo_artifact)."""
+    return demo_artifact[0]
 
 
 @pytest.fixture(scope="session")
