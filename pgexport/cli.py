@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -17,6 +18,39 @@ from pgexport.errors import EXIT_INTERNAL, BadInputError, GateFailedError, Outpu
 from pgexport.quantize.cli import options_from, print_sizes, quantize_options
 
 console = Console()
+
+# The width tables are printed at when stdout is not a terminal (a CI log, a pipe, a file): enough
+# for every row on one line. rich would cut them to 80 columns there (or to the width of a terminal
+# on stdin or stderr), wrapping every cell.
+LOG_WIDTH = 1000
+
+
+def output_width(stream) -> int | None:
+    """The width for rich on `stream`: None (rich decides: COLUMNS, else the terminal's width) when
+    COLUMNS is set or `stream` is a terminal, else LOG_WIDTH."""
+    if os.environ.get("COLUMNS", "").isdigit():
+        return None
+    try:
+        on_terminal = stream.isatty()
+    except (AttributeError, ValueError):  # no isatty, or closed
+        on_terminal = False
+    return None if on_terminal else LOG_WIDTH
+
+
+def quiet_third_party() -> None:
+    """Keep libraries' chatter out of pgexport's output: transformers' tqdm bars ('Loading weights',
+    'Writing model shards'; huggingface_hub's download bars go with them, pgexport's stage bar says
+    'loading checkpoint' meanwhile) and its warnings (pgexport reports what matters itself: a missing
+    weight is an error, not a warning), and the log lines of coremltools known to be harmless
+    (pgexport.coreml.HARMLESS_COREMLTOOLS_LOGS; its bars are off during conversion). pgexport's own
+    progress (rich, on stderr) and errors stay."""
+    from transformers.utils import logging as transformers_logging
+
+    from pgexport.coreml import HARMLESS_COREMLTOOLS_FILTER
+
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    logging.getLogger("coremltools").addFilter(HARMLESS_COREMLTOOLS_FILTER)
 
 
 def os_error_exit(error: OSError) -> int | None:
@@ -92,10 +126,8 @@ def main():
 
     MODEL is a local checkpoint folder or a hub id; omitted, the demo model shipped in the package.
     """
-    from transformers.utils import logging as transformers_logging
-
-    # pgexport reports what matters itself (a missing weight is an error, not a warning).
-    transformers_logging.set_verbosity_error()
+    quiet_third_party()
+    console.width = output_width(console.file)  # here: stdout is the one this command writes to
 
 
 @main.command("onnx")

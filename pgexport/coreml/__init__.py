@@ -10,10 +10,56 @@ Design choices and their reasons: docs/coreml.md.
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import sys
+
 # The choices of --compress and --target, here (no heavy import) so the CLI reads them.
 COMPRESSIONS = ("none", "int8", "int4", "palettize4")
 TARGETS = ("iOS18", "macOS15", "iOS17")
 STATEFUL_TARGETS = ("iOS18", "macOS15")  # Core ML state (ct.StateType) starts with iOS18 / macOS15
+
+# What coremltools logs (WARNING, logger "coremltools") on import and on every conversion that says
+# nothing to a pgexport user; any other line still shows.
+HARMLESS_COREMLTOOLS_LOGS = (
+    # Only its converter of scikit-learn models is disabled; palettization imports sklearn itself.
+    "scikit-learn version ",
+    # The pinned torch is newer than coremltools' last tested one: pgexport's tests convert with this
+    # pair, and every export checks its packages' specs.
+    "has not been tested with coremltools",
+    # The Core ML runtime (coremltools.libcoremlpython) ships for macOS only: elsewhere validate skips the
+    # runtime check and says so. On macOS the lines stay: there they would be a fault.
+    *(("No module named 'coremltools.libcoremlpython'",) if sys.platform != "darwin" else ()),
+    # The decoder's key_cache / value_cache buffers are states: the torch frontend keeps the state and
+    # skips the buffer's constant copy, as a stateful conversion should.
+    "Torch var key_cache is added again", "Torch var value_cache is added again",
+    # Gemma's embedding has a padding_idx, which only changes gradients: the gather is the same.
+    "Core ML embedding (gather) layer does not support any inputs besides the weights and indices",
+)
+
+
+class _HarmlessCoremltoolsLogs(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(known in message for known in HARMLESS_COREMLTOOLS_LOGS)
+
+
+HARMLESS_COREMLTOOLS_FILTER = _HarmlessCoremltoolsLogs("coremltools")
+
+
+@contextlib.contextmanager
+def harmless_coremltools_logs_dropped():
+    """Drop HARMLESS_COREMLTOOLS_LOGS for the block (coremltools logs them all through one logger,
+    so a filter there sees them; enter before coremltools is first imported). Nests: the filter is
+    removed only by the block that added it."""
+    logger = logging.getLogger("coremltools")
+    added = HARMLESS_COREMLTOOLS_FILTER not in logger.filters
+    logger.addFilter(HARMLESS_COREMLTOOLS_FILTER)
+    try:
+        yield
+    finally:
+        if added:
+            logger.removeFilter(HARMLESS_COREMLTOOLS_FILTER)
 
 
 def to_coreml(*args, **kwargs):

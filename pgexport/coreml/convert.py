@@ -3,19 +3,23 @@ described, with the files an app needs beside them. Reads like its stage list (`
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
+import importlib
 import json
 import resource
 import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
 import pgexport
-from pgexport.coreml import COMPRESSIONS, STATEFUL_TARGETS, TARGETS
+from pgexport.coreml import COMPRESSIONS, STATEFUL_TARGETS, TARGETS, harmless_coremltools_logs_dropped
 from pgexport.errors import BadInputError, GateFailedError, UnsupportedError, import_optional
 
 CONTEXT_AFTER_IMAGE = 512  # default --max-context: the image tokens plus this many prompt + answer tokens
@@ -65,6 +69,48 @@ def read_config(model: str | Path | None):
         return None  # load_checkpoint reports what is wrong, with its exit code
     check_config(config)
     return config
+
+
+# coremltools' tqdm bars: (module, name of its tqdm there). One per op loop and per MIL pass pipeline,
+# about 100 lines per package in a CI log; pgexport's stage bar already says which stage runs.
+COREMLTOOLS_TQDM = (
+    ("coremltools.converters.mil.frontend.torch.ops", "_tqdm"),
+    ("coremltools.converters.mil.mil.passes.pass_pipeline", "tqdm"),
+)
+
+
+@contextlib.contextmanager
+def quiet_coremltools():
+    """coremltools' noise off for the block: its tqdm bars (COREMLTOOLS_TQDM), its known-harmless log
+    lines (pgexport.coreml.HARMLESS_COREMLTOOLS_LOGS), torch's deprecation of the tracer used here,
+    and two warnings torch.jit.trace provokes in transformers that do not change the trace. Anything
+    else it logs or warns still shows."""
+    patched = []
+    with harmless_coremltools_logs_dropped(), warnings.catch_warnings():
+        # The packages are converted from torch.jit.trace graphs (torch deprecates the tracer in
+        # favour of torch.export); moving to torch.export is a change of its own, not news at each run.
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.trace(_method)?` is deprecated", category=DeprecationWarning,
+                                module=r"torch\.jit")
+        # torch.jit.trace probes every attribute of each submodule (module_has_exports), reading
+        # transformers' deprecated `is_gradient_checkpointing` alias on the way.
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning,
+                                module=r"transformers\.modeling_utils")
+        # SigLIP attention: `q_length > 1 and attention_mask is None and is_causal` with is_causal False
+        # is False whatever the traced length, so the trace holds for every shape.
+        warnings.filterwarnings("ignore", message="Converting a tensor to a Python boolean",
+                                category=torch.jit.TracerWarning, module=r"transformers\.integrations\.sdpa_attention")
+        try:
+            for module_name, name in COREMLTOOLS_TQDM:
+                with contextlib.suppress(ImportError):
+                    module = importlib.import_module(module_name)
+                    original = getattr(module, name, None)
+                    if original is not None:  # another coremltools layout: its bars show, nothing breaks
+                        setattr(module, name, functools.partial(original, disable=True))
+                        patched.append((module, name, original))
+            yield
+        finally:
+            for module, name, original in patched:
+                setattr(module, name, original)
 
 
 def max_rss_gb() -> float:
@@ -262,10 +308,11 @@ def to_coreml(
         max_context = check_context(config, max_context)
     inputs = [model if model is not None else default_model()]
     check_output(output, force, inputs)
-    ct = import_optional("coremltools", "coreml")
+    with harmless_coremltools_logs_dropped():  # those it logs when first imported
+        ct = import_optional("coremltools", "coreml")
     started = time.perf_counter()
     with (staging_folder(output, force, inputs) as staging, stages(7 + validate, progress) as advance,
-          temp_files_in(staging / ".tmp") as scratch_files):
+          temp_files_in(staging / ".tmp") as scratch_files, quiet_coremltools()):
         advance("loading checkpoint")
         checkpoint = load_checkpoint(model, allow_pickle=allow_pickle)
         max_context = check_context(checkpoint.config, max_context)
