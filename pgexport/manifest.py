@@ -52,7 +52,7 @@ def read_manifest(folder: Path) -> dict:
     """The manifest of a pgexport folder; BadInputError when it is missing or malformed."""
     path = Path(folder) / MANIFEST
     if not Path(folder).is_dir():
-        raise BadInputError(f"{folder}: no such folder")
+        raise BadInputError(f"{folder}: no such folder (expected a pgexport folder with its {MANIFEST})")
     if not path.is_file():
         raise BadInputError(f"{folder}: no {MANIFEST}; not a pgexport artifact")
     try:
