@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -105,7 +106,7 @@ def test_sample_inputs_pad_a_batch():
 )
 def test_bad_row_reports_its_line(tmp_path, bad_line, message):
     good = load_split(EVAL_FILE)[0]
-    (tmp_path / "x.png").write_bytes(open(good.image, "rb").read())
+    (tmp_path / "x.png").write_bytes(Path(good.image).read_bytes())
     path = tmp_path / "rows.jsonl"
     path.write_text(json.dumps({"image": "x.png", "prefix": good.prefix, "suffix": good.suffix}) + "\n\n" + bad_line + "\n")
     with pytest.raises(BadInputError, match=rf"rows\.jsonl:3: .*{message}"):
