@@ -16,14 +16,28 @@ ox_utils/calibration.py):
 - writes QuantizeLinear/DequantizeLinear pairs on the inputs and outputs of each MatMul, Gemm and
   Conv (the LM head's output included: logits pass through uint8): weights int8
   symmetric per output channel (neural-compressor's first choice with onnxruntime >= 1.13; per
-  tensor, forced, lost 0.01 of the demo decoder's worst-position logits cosine), activations
-  uint8 asymmetric per tensor.
+  tensor, forced, lost 0.01 of the demo decoder's worst-position logits cosine) on 7 bits,
+  [-64, 64] (WEIGHT_QRANGE, below), activations uint8 asymmetric per tensor on the full 8 bits.
   neural-compressor leaves the MatMuls of two activations (attention's Q.K and P.V) in fp32 on
   these graphs; the info's "fp32_nodes" lists them. Every other op type is pinned to fp32: by
   default neural-compressor also wraps data-movement ops (Reshape, Transpose, Slice) in QDQ
   pairs, which changed neither the demo's answers nor its size and made the tuning space (one
   trial per quantized node) more than twice as large.
 `exclude_nodes` keeps the named nodes in fp32 (accuracy-aware tuning passes what it fell back).
+
+Why 7-bit weights: an artifact is made once and run on any x86 CPU. onnxruntime's u8s8 int8
+kernels on a CPU without AVX-512 VNNI (AVX2 laptops, AMD EPYC before Zen 4) add pairs of
+uint8 x int8 products into int16 with saturation (vpmaddubsw): 2 x 255 x 127 > 32767. Measured on
+an AMD EPYC with AVX2 only (onnxruntime 1.32, MatMulInteger with weights at +-127 and inputs near
+255): every output wrong; with weights in [-64, 64] (2 x 255 x 64 = 32640): exact. The demo's
+full-range graphs read prefill logits cosine 0.930 there against 0.992 for the same graphs in float
+math (docs/quantize-static.md). 7-bit weights are onnxruntime's documented remedy (its
+quantize_static `reduce_range`). neural-compressor's own `reduce_range` is no substitute: left
+unset it is chosen by the CPU that quantizes (`not CpuInfo().vnni`), so the same command wrote
+different artifacts on different machines, and it also cuts the activations to 7 bits (qrange 127
+on uint8), which took the demo vision encoder's background patches apart (prefill logits cosine
+-0.47). So `reduce_range` is pinned off (activations 8 bits, whatever the CPU) and
+`neural_compressor_session` gives neural-compressor's weight quantizer the 7-bit range.
 
 Memory: neural-compressor works on whole models. It opens an onnxruntime session on the model
 just to detect the framework, then holds the graph with its weights, a deep copy to quantize and
@@ -66,6 +80,10 @@ GRAPH_OPTIMIZATION_LEVEL = "ENABLE_BASIC"
 EXTERNAL_DATA_THRESHOLD = 3 << 29  # 1.5 GiB of tensors: weights go to dst.name + ".data" (as int8.py)
 COMPUTE_OPS = ("MatMul", "Gemm", "Conv")  # the ops whose int8 form does the work; the rest only carry int8
 STREAMED_THRESHOLD = 2 << 30  # bytes of weights above which the graph takes the streamed path
+# neural-compressor's quantize_range for int8 symmetric weights: scale = 2 * max|w| / 128, values in
+# [-64, 64], so that no x86 int8 kernel saturates (module docstring). Its full range is 254.
+WEIGHT_QRANGE = 128
+ACTIVATION_QRANGE = 255  # uint8 asymmetric activations: the full 8 bits
 
 
 def quantize_static_int8(
@@ -198,7 +216,9 @@ def restore_defaults(proto: onnx.ModelProto, defaults: dict) -> None:
 def post_training_config(graph: onnx.ModelProto, calibration_size: int, exclude_nodes: Sequence[str] = (), **kwargs):
     """neural-compressor's static QDQ config for `graph`: MatMul/Gemm/Conv in int8 (min/max
     calibration, weights per output channel), every other op type of the graph in fp32, the
-    excluded nodes in fp32; every feed calibrates."""
+    excluded nodes in fp32; every feed calibrates. `reduce_range` is pinned off (8-bit
+    activations on every CPU; unset, neural-compressor picks it from the quantizing CPU); the
+    7-bit weights come from neural_compressor_session."""
     from neural_compressor import PostTrainingQuantConfig
 
     fp32 = {"activation": {"dtype": ["fp32"]}, "weight": {"dtype": ["fp32"]}}
@@ -212,17 +232,30 @@ def post_training_config(graph: onnx.ModelProto, calibration_size: int, exclude_
         recipes={"graph_optimization_level": GRAPH_OPTIMIZATION_LEVEL},
         op_type_dict=op_types,
         op_name_dict={name: fp32 for name in exclude_nodes} or None,
-        **kwargs,
+        **{"reduce_range": False, **kwargs},
     )
 
 
 @contextlib.contextmanager
 def neural_compressor_session(folder: Path, progress: bool):
     """neural-compressor's workspace in a temporary folder inside `folder` (its default is
-    ./nc_workspace in the current directory) and its INFO logging only with progress; both
-    restored, the folder removed."""
+    ./nc_workspace in the current directory), its INFO logging only with progress, and its weight
+    quantizer on 7 bits (WEIGHT_QRANGE); all restored, the folder removed.
+
+    The 7 bits: neural-compressor's quantizer (ox_utils/quantizer.py) asks
+    `_get_qrange_for_qType(qType, reduce_range)` for the range of each weight it quantizes (int8
+    here); that name is replaced, inside this block only, by one answering WEIGHT_QRANGE for int8.
+    Calibration (ox_utils/calibration.py, the activations' uint8 range) has its own binding and is
+    left alone. Not thread-safe: two quantizations must not run at once in one process."""
     import_optional("neural_compressor", "inc")
+    from neural_compressor.adaptor.ox_utils import quantizer
     from neural_compressor.config import options
+    from onnx import TensorProto
+
+    full_range = quantizer._get_qrange_for_qType
+
+    def weight_range(qType, reduce_range=False):
+        return WEIGHT_QRANGE if qType == TensorProto.INT8 else full_range(qType, reduce_range)
 
     folder.mkdir(parents=True, exist_ok=True)
     workspace = Path(tempfile.mkdtemp(prefix=".nc-workspace.", dir=folder))
@@ -230,9 +263,11 @@ def neural_compressor_session(folder: Path, progress: bool):
     saved = options.workspace, logger.level
     options.workspace = str(workspace) + os.sep
     logger.setLevel(logging.INFO if progress else logging.WARNING)
+    quantizer._get_qrange_for_qType = weight_range
     try:
         yield workspace
     finally:
+        quantizer._get_qrange_for_qType = full_range
         options.workspace = saved[0]
         logger.setLevel(saved[1])
         shutil.rmtree(workspace, ignore_errors=True)
@@ -304,7 +339,8 @@ def quantize_static_int8_streamed(src: Path, dst: Path, graph: onnx.ModelProto, 
     at a time from src's data files, each weight quantized in row chunks. Scales, zero points and
     int8 values come from neural-compressor's own functions (ox_utils/util.py: calculate_scale_zp,
     quantize_data_with_scale_zero): activations uint8 asymmetric per tensor, weights int8 symmetric
-    per output column. Conv and Gemm stay fp32 here; so does everything neural-compressor leaves."""
+    per output column on 7 bits (ACTIVATION_QRANGE, WEIGHT_QRANGE: the ranges neural-compressor is
+    given). Conv and Gemm stay fp32 here; so does everything neural-compressor leaves."""
     import onnxruntime as ort
     from neural_compressor.adaptor.ox_utils.util import calculate_scale_zp
     from onnx import TensorProto, helper
@@ -340,7 +376,7 @@ def quantize_static_int8_streamed(src: Path, dst: Path, graph: onnx.ModelProto, 
     # The QDQ graph: one Quantize/Dequantize pair per activation, one DequantizeLinear per weight.
     new_initializers, weights = [], {}
     for name in activations:
-        scale, zero_point = calculate_scale_zp(ranges[name][0], ranges[name][1], 255, TensorProto.UINT8, "asym")
+        scale, zero_point = calculate_scale_zp(ranges[name][0], ranges[name][1], ACTIVATION_QRANGE, TensorProto.UINT8, "asym")
         new_initializers += [
             helper.make_tensor(f"{name}_scale", TensorProto.FLOAT, [], [float(scale)]),
             helper.make_tensor(f"{name}_zero_point", TensorProto.UINT8, [], [int(zero_point)]),
@@ -380,7 +416,8 @@ def quantize_static_int8_streamed(src: Path, dst: Path, graph: onnx.ModelProto, 
 def _write_streamed(src: Path, dst: Path, graph: onnx.ModelProto, weights: dict, extra: list, workspace: Path) -> None:
     """Write `graph` at dst with every initializer's data in dst.name + ".data", read from src's
     files one tensor (weights: row chunks) at a time; the fp32 weights named in `weights` become
-    int8 (+ scale and zero point per column), as neural-compressor quantizes a MatMul weight."""
+    int8 in [-64, 64] (+ scale and zero point per column), as neural-compressor quantizes a MatMul
+    weight."""
     from neural_compressor.adaptor.ox_utils.util import calculate_scale_zp, quantize_data_with_scale_zero
     from onnx import TensorProto, numpy_helper
 
@@ -407,7 +444,7 @@ def _write_streamed(src: Path, dst: Path, graph: onnx.ModelProto, weights: dict,
                 low, high = np.zeros(columns, np.float32), np.zeros(columns, np.float32)
                 for chunk in _rows(tensor, src.parent):
                     low, high = np.minimum(low, chunk.min(0)), np.maximum(high, chunk.max(0))
-                scale, zero_point = calculate_scale_zp(low, high, 254, TensorProto.INT8, "sym")  # per column
+                scale, zero_point = calculate_scale_zp(low, high, WEIGHT_QRANGE, TensorProto.INT8, "sym")  # per column, 7 bits
                 graph.graph.initializer.extend([
                     numpy_helper.from_array(scale.astype(np.float32), f"{name}_scale"),
                     numpy_helper.from_array(zero_point.astype(np.int8), f"{name}_zero_point"),
