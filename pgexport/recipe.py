@@ -17,27 +17,99 @@ the Python API's and the CLI's option names). Every error names the key and the 
       parity: {int8: {min_token_agreement: 0.75}}   # per dtype; unset fields keep pgexport's defaults
       max_per_token_ms: 50                     # and max_ttft_ms: medians, every benchmarked row
 
-A new stage kind is one dataclass here, one entry in STAGES, and one function in pgexport.build.
+Every number has a sane range (RANGES; NaN and infinities are in none), and YAML anchors and
+aliases are refused: a recipe never needs them, and a few hundred bytes of nested aliases expand to
+gigabytes. A new stage kind is one dataclass here, one entry in STAGES, and one function in
+pgexport.build.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import yaml
 
 from pgexport.errors import BadInputError
 from pgexport.exporters.onnx import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
 
 NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
 RESERVED_NAMES = {"stages", "manifest.json"}  # the build folder's own entries
+MAX_RECIPE_BYTES = 1 << 20
+MAX_DEPTH = 16  # of nested lists and mappings (a recipe needs 4)
+
+# Every number a recipe sets -> its inclusive range; NaN and infinities are in none. Generous: they
+# refuse typos (runs: 1000000000000) and gates that can never fail, not unusual builds. The opset's
+# range is what the exporter supports (OnnxStage.check).
+RANGES = {
+    "batches": (1, 64),  # each
+    "prompt_tokens": (1, 4096),
+    "new_tokens": (2, 4096),  # the first token comes from prefill: at least one decode step
+    "warmup": (0, 100),
+    "runs": (1, 1000),
+    "threads": (1, 1024),
+    "max_total_bytes": (1, 10**13),
+    "max_ttft_ms": (0, 3_600_000),
+    "max_per_token_ms": (0, 3_600_000),
+    "max_rel_diff": (0, 1),  # of the reference logit range
+    "min_cosine": (-1, 1),
+    "min_token_agreement": (0, 1),
+    "max_exact_match_drop": (0, 100),  # points
+}
 
 
 class RecipeError(BadInputError):
     """A recipe that cannot be built as written: the message names the key and the allowed values."""
+
+
+_SHORT = reprlib.Repr()
+_SHORT.maxstring = _SHORT.maxother = 60
+
+
+def shown(value) -> str:
+    """`value` as an error message shows it: at most 80 characters, in bounded time however large it is."""
+    text = _SHORT.repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _key(key) -> str:
+    """A mapping key as a path shows it (`gates.parity.int8`), shortened like `shown` when long."""
+    return str(key) if len(str(key)) <= 40 else shown(key)
+
+
+def in_range(value, key: str) -> bool:
+    """Whether `value` is a number (not a bool) within RANGES[key]; NaN never is."""
+    least, most = RANGES[key]
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and least <= value <= most
+
+
+def _allowed(key: str) -> str:
+    least, most = RANGES[key]
+    return f"{least:g}..{most:g}"
+
+
+class RecipeLoader(yaml.SafeLoader):
+    """yaml.safe_load without anchors and aliases, and at most MAX_DEPTH levels deep."""
+
+    depth = 0
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        line = event.start_mark.line + 1
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
+            raise RecipeError(f"line {line}: YAML anchors and aliases (&name, *name) are not allowed in a recipe")
+        if self.depth >= MAX_DEPTH:
+            raise RecipeError(f"line {line}: nested more than {MAX_DEPTH} levels deep")
+        self.depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
 
 
 @dataclass(frozen=True)
@@ -76,13 +148,11 @@ class BenchStage:
     threads: int | None = None  # default: every usable CPU
 
     def check(self, where: str) -> None:
-        minimum = {"prompt_tokens": 1, "new_tokens": 2, "warmup": 0, "runs": 1, "threads": 1}
-        for key, least in minimum.items():
-            value = getattr(self, key)
-            if value is not None and value < least:
-                raise RecipeError(f"{where}.{key}: {value} is too small; allowed: {least} or more")
-        if not self.batches or min(self.batches) < 1:
-            raise RecipeError(f"{where}.batches: {list(self.batches)}; allowed: a list of batch sizes, each 1 or more")
+        sizes = list(self.batches)
+        if not sizes or not all(in_range(size, "batches") for size in sizes) or len(set(sizes)) < len(sizes):
+            raise RecipeError(
+                f"{where}.batches: {shown(sizes)}; allowed: a list of batch sizes, each {_allowed('batches')}, none repeated"
+            )
 
 
 @dataclass(frozen=True)
@@ -144,21 +214,26 @@ def load_recipe(source: str | Path | dict | Recipe) -> Recipe:
         return check_recipe(source)
     if isinstance(source, dict):
         return check_recipe(_build(Recipe, source, ""))
-    import yaml
-
     path = Path(source)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        if path.stat().st_size > MAX_RECIPE_BYTES:
+            raise RecipeError(f"cannot read recipe {path}: larger than {MAX_RECIPE_BYTES} bytes")
+        text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:
         raise RecipeError(f"cannot read recipe {path}: {error}") from error
-    except yaml.YAMLError as error:
-        raise RecipeError(f"{path}: not valid YAML: {str(error).splitlines()[0]}") from error
-    if data is None:
-        data = {}
     try:
-        return check_recipe(_build(Recipe, data, ""))
+        data = yaml.load(text, Loader=RecipeLoader)
+        return check_recipe(_build(Recipe, {} if data is None else data, ""))
+    except yaml.YAMLError as error:
+        raise RecipeError(f"{path}: not valid YAML: {_yaml_problem(error)}") from None
     except RecipeError as error:
         raise RecipeError(f"{path}: {error}") from None
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    return f"line {mark.line + 1}: {problem}" if mark else problem
 
 
 def check_recipe(recipe: Recipe) -> Recipe:
@@ -172,14 +247,15 @@ def check_recipe(recipe: Recipe) -> Recipe:
         where = f"stages[{index}]"
         if not NAME.match(stage.name) or stage.name in RESERVED_NAMES:
             raise RecipeError(
-                f"{where}.name: {stage.name!r} is not a folder name pgexport can use "
+                f"{where}.name: {shown(stage.name)} is not a folder name pgexport can use "
                 f"(lowercase letters, digits, '_', '-', '.'; not {', '.join(sorted(RESERVED_NAMES))})"
             )
         if stage.name in names:
-            raise RecipeError(f"{where}.name: {stage.name!r} is used twice; each stage needs its own name")
+            raise RecipeError(f"{where}.name: {shown(stage.name)} is used twice; each stage needs its own name")
         names.add(stage.name)
         if hasattr(stage, "check"):
             stage.check(where)
+        _check_numbers(stage, where)
         if isinstance(stage, CHECK_STAGES):
             if not artifacts:
                 raise RecipeError(
@@ -192,19 +268,25 @@ def check_recipe(recipe: Recipe) -> Recipe:
             raise RecipeError(f"{where}: verify checks the finished build folder, so it must be the last stage")
         if isinstance(stage, ARTIFACT_STAGES):
             artifacts.append(stage.name)
-    for dtype in recipe.gates.parity:
+    for dtype, gate in recipe.gates.parity.items():
         if dtype not in THRESHOLDS:
-            raise RecipeError(f"gates.parity.{dtype}: unknown dtype; allowed: {', '.join(THRESHOLDS)}")
+            raise RecipeError(f"gates.parity.{_key(dtype)}: unknown dtype; allowed: {', '.join(THRESHOLDS)}")
+        _check_numbers(gate, f"gates.parity.{dtype}")
+    _check_numbers(recipe.gates, "gates")
     needs = {"parity": (ValidateStage, "validate"), "max_ttft_ms": (BenchStage, "bench"),
              "max_per_token_ms": (BenchStage, "bench")}
     for key, (cls, kind) in needs.items():
         if getattr(recipe.gates, key) and not any(isinstance(s, cls) for s in recipe.stages):
             raise RecipeError(f"gates.{key}: no {kind} stage measures it; add {{stage: {kind}}} to stages")
-    for key in ("max_total_bytes", "max_ttft_ms", "max_per_token_ms"):
-        value = getattr(recipe.gates, key)
-        if value is not None and value < 0:
-            raise RecipeError(f"gates.{key}: {value} is negative")
     return recipe
+
+
+def _check_numbers(options, where: str) -> None:
+    """Each set number field of one dataclass (a stage, the gates, a parity gate) within RANGES."""
+    for f in dataclasses.fields(options):
+        value = getattr(options, f.name)
+        if f.name in RANGES and value is not None and not isinstance(value, tuple) and not in_range(value, f.name):
+            raise RecipeError(f"{where}.{f.name}: {shown(value)} is out of range {_allowed(f.name)}")
 
 
 def _artifact_kinds() -> list[str]:
@@ -215,13 +297,13 @@ def _build(cls, data, where: str):
     """`cls(**data)` with every key and value checked against the dataclass's field types."""
     if not isinstance(data, dict):
         fields = ", ".join(f.name for f in dataclasses.fields(cls))
-        raise RecipeError(f"{where or 'recipe'}: expected a mapping of {fields}, got {data!r}")
+        raise RecipeError(f"{where or 'recipe'}: expected a mapping of {fields}, got {shown(data)}")
     hints = typing.get_type_hints(cls)
     allowed = [f.name for f in dataclasses.fields(cls)]
     for key in data:
         if key not in allowed:
             hint = "; latency gates are max_ttft_ms and max_per_token_ms" if cls is Gates and "latency" in str(key) else ""
-            raise RecipeError(f"{where or 'recipe'}: unknown key {key!r}; allowed: {', '.join(allowed)}{hint}")
+            raise RecipeError(f"{where or 'recipe'}: unknown key {shown(key)}; allowed: {', '.join(allowed)}{hint}")
     return cls(**{key: _value(hints[key], value, f"{where}.{key}".lstrip(".")) for key, value in data.items()})
 
 
@@ -229,8 +311,8 @@ def _stage(data, where: str):
     if not isinstance(data, dict) or "stage" not in data:
         raise RecipeError(f"{where}: expected a mapping with a 'stage' key; allowed stages: {', '.join(STAGES)}")
     kind = data["stage"]
-    if kind not in STAGES:
-        raise RecipeError(f"{where}.stage: unknown stage {kind!r}; allowed: {', '.join(STAGES)}")
+    if not isinstance(kind, str) or kind not in STAGES:
+        raise RecipeError(f"{where}.stage: unknown stage {shown(kind)}; allowed: {', '.join(STAGES)}")
     options = {key: value for key, value in data.items() if key != "stage"}
     options.setdefault("name", kind)
     return _build(STAGES[kind], options, where)
@@ -248,12 +330,12 @@ def _value(hint, value, where: str):
         return _value(options[0], value, where)
     if origin is tuple:
         if not isinstance(value, list):
-            raise RecipeError(f"{where}: expected a list, got {value!r}")
+            raise RecipeError(f"{where}: expected a list, got {shown(value)}")
         return tuple(_value(args[0], item, f"{where}[{index}]") for index, item in enumerate(value))
     if origin is dict:
         if not isinstance(value, dict):
-            raise RecipeError(f"{where}: expected a mapping, got {value!r}")
-        return {str(key): _value(args[1], item, f"{where}.{key}") for key, item in value.items()}
+            raise RecipeError(f"{where}: expected a mapping, got {shown(value)}")
+        return {str(key): _value(args[1], item, f"{where}.{_key(key)}") for key, item in value.items()}
     if dataclasses.is_dataclass(hint):
         return _build(hint, value, where)
     expected = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[hint]
@@ -262,5 +344,5 @@ def _value(hint, value, where: str):
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         value, ok = float(value), True
     if not ok:
-        raise RecipeError(f"{where}: expected {expected}, got {value!r}")
+        raise RecipeError(f"{where}: expected {expected}, got {shown(value)}")
     return value

@@ -57,20 +57,6 @@ def check_context(config, max_context: int | None) -> int:
     return context
 
 
-def read_config(model: str | Path | None):
-    """The checkpoint's config alone (seconds, no weights), so option checks come before loading."""
-    from transformers import AutoConfig
-
-    from pgexport.load import check_config, default_model
-
-    try:
-        config = AutoConfig.from_pretrained(str(model) if model is not None else default_model(), trust_remote_code=False)
-    except (OSError, ValueError, json.JSONDecodeError):
-        return None  # load_checkpoint reports what is wrong, with its exit code
-    check_config(config)
-    return config
-
-
 # coremltools' tqdm bars: (module, name of its tqdm there). One per op loop and per MIL pass pipeline,
 # about 100 lines per package in a CI log; pgexport's stage bar already says which stage runs.
 COREMLTOOLS_TQDM = (
@@ -296,16 +282,14 @@ def to_coreml(
     """
     from pgexport.coreml import package_readme
     from pgexport.coreml.spec import check_spec
-    from pgexport.load import default_model, load_checkpoint
+    from pgexport.load import default_model, load_checkpoint, load_config
     from pgexport.manifest import write_manifest
     from pgexport.output import check_output, staging_folder, temp_files_in
     from pgexport.pipeline import save_model_files, stages
 
     output = Path(output)
     check_request(compress, target)
-    config = read_config(model)
-    if config is not None:
-        max_context = check_context(config, max_context)
+    max_context = check_context(load_config(model, allow_pickle=allow_pickle), max_context)  # before any work
     inputs = [model if model is not None else default_model()]
     check_output(output, force, inputs)
     with harmless_coremltools_logs_dropped():  # those it logs when first imported
