@@ -88,6 +88,15 @@ def file_problems(folder: Path, manifest: dict, names=None, sha256: bool = False
     return problems
 
 
+def require_files(folder: Path, manifest: dict, names=None, sha256: bool = False) -> None:
+    """file_problems, raised as one BadInputError line that sends the user to `pgexport verify`."""
+    problems = file_problems(folder, manifest, names, sha256=sha256)
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise BadInputError(f"{folder}: {'; '.join(problems[:3])}{more}: the artifact was changed or damaged "
+                            f"(run `pgexport verify {folder}`)")
+
+
 def verify(folder: Path) -> list[str]:
     """Problems with an artifact against its manifest: altered, truncated, missing or extra files.
 

@@ -15,7 +15,7 @@ import pgexport
 from pgexport.errors import BadInputError, GateFailedError
 from pgexport.exporters.onnx import DEFAULT_OPSET, check_opset, export_graphs
 from pgexport.load import Checkpoint, default_model, load_checkpoint
-from pgexport.manifest import MANIFEST, file_problems, read_manifest, write_manifest
+from pgexport.manifest import MANIFEST, read_manifest, require_files, write_manifest
 from pgexport.output import check_output, staging_folder
 from pgexport.quantize.artifact import QuantizeOptions, plan_variants, quantize_variants, size_report
 from pgexport.runtime import GRAPHS, graph_path
@@ -213,10 +213,7 @@ def quantize_artifact(
     source_checkpoint = (source_manifest.get("source") or {}).get("checkpoint")
     inputs = [artifact, reference or source_checkpoint, eval_file, quantize.calibration]
     check_output(output, force, inputs)
-    problems = file_problems(artifact, source_manifest)
-    if problems:
-        raise BadInputError(f"{artifact}: {problems[0]}" + (f" and {len(problems) - 1} more" if len(problems) > 1 else "")
-                            + "; run pgexport verify")
+    require_files(artifact, source_manifest)
     _check_sources(artifact, variants)
     dtypes = list(dict.fromkeys([*source_manifest.get("dtypes", ["fp32"]), *variants]))
     remade = _graph_files(artifact, variants)  # made anew in the output, so never links to the input's

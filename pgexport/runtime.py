@@ -14,7 +14,7 @@ import onnxruntime as ort
 from PIL import Image
 
 from pgexport.errors import BadInputError, UnsupportedError
-from pgexport.manifest import file_problems, read_manifest
+from pgexport.manifest import read_manifest, require_files
 
 log = logging.getLogger(__name__)
 
@@ -106,9 +106,7 @@ def check_graph_files(folder: Path, manifest: dict, graph_files: list[Path], sha
         prefix = graph_file.relative_to(folder).as_posix()
         names |= {path.relative_to(folder).as_posix() for path in graph_file.parent.glob(graph_file.name + "*")}
         names |= {name for name in files if name.startswith(prefix)}
-    problems = file_problems(folder, manifest, names, sha256=sha256)
-    if problems:
-        raise BadInputError(f"{folder}: {'; '.join(problems)}: the artifact was changed or damaged (run `pgexport verify {folder}`)")
+    require_files(folder, manifest, names, sha256=sha256)
 
 
 class OnnxPaliGemma:
