@@ -1,0 +1,154 @@
+"""The I/O contract of pgexport's artifacts, declared once: graph and package names, their file
+names per precision, and every input and output with its dims. The exporter, the runtime, bench,
+the quantizers, calibration and the Core ML checks read it; no other module spells a graph or
+tensor name. Torch-free, so a runtime that only has onnxruntime can import it.
+
+    onnx/vision_encoder{suffix}.onnx        pixel_values -> image_features (projector included)
+    onnx/embed_tokens{suffix}.onnx          input_ids -> inputs_embeds
+    onnx/decoder_model_merged{suffix}.onnx  inputs_embeds, attention_mask, position_ids,
+                                            past_key_values.{i}.key/value [, logits_to_keep]
+                                            -> logits, present.{i}.key/value
+
+The layout Optimum and transformers.js consume (paligemma-facts.md); `suffix` is transformers.js's
+per-precision file-name suffix. `logits_to_keep` (int64 scalar, transformers' argument of that name)
+is an overridable initializer: consumers that do not feed it get logits for every position.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+# transformers.js file-name suffix of each precision (see paligemma-facts.md).
+DTYPE_SUFFIX = {"fp32": "", "fp16": "_fp16", "int8": "_int8", "int8-static": "_int8_static", "q4": "_q4"}
+PAST, PRESENT = "past_key_values", "present"  # cache tensors: {PAST}.{layer}.key / .value
+KV_KINDS = ("key", "value")
+LOGITS_TO_KEEP = "logits_to_keep"
+# The dims that vary between calls (the exported graphs' dynamic axes); every other named dim is
+# fixed by the model's config (hidden_size, vocab_size, image_tokens, the image's height and width).
+DYNAMIC_DIMS = ("batch_size", "sequence_length", "total_sequence_length", "past_sequence_length", "logits_length")
+
+
+@dataclass(frozen=True)
+class Tensor:
+    """One input or output: its name, dims (a str is a symbolic axis, an int a fixed size) and type."""
+
+    name: str
+    dims: tuple[str | int, ...]
+    dtype: str = "float32"
+    doc: str = ""
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """One ONNX graph: `name` is the file stem, `option` the CLI/recipe key that sets its precision.
+    `inputs`/`outputs` leave out the per-layer cache tensors, which `input_names(layers)` adds."""
+
+    name: str
+    option: str
+    inputs: tuple[Tensor, ...]
+    outputs: tuple[Tensor, ...]
+    cache: bool = False  # past_key_values in, present out, one key and one value per layer
+    optional_inputs: tuple[Tensor, ...] = ()  # initializers a caller may override (logits_to_keep)
+
+    def filename(self, precision: str = "fp32") -> str:
+        return f"{self.name}{DTYPE_SUFFIX[precision]}.onnx"
+
+    def input_names(self, layers: int = 0) -> list[str]:
+        return [t.name for t in self.inputs] + (kv_names(PAST, layers) if self.cache else [])
+
+    def output_names(self, layers: int = 0) -> list[str]:
+        return [t.name for t in self.outputs] + (kv_names(PRESENT, layers) if self.cache else [])
+
+    def dynamic_axes(self, layers: int = 0) -> dict[str, dict[int, str]]:
+        """name -> {axis: name} of every dynamic dim (DYNAMIC_DIMS), cache tensors included."""
+        axes = {t.name: {i: d for i, d in enumerate(t.dims) if d in DYNAMIC_DIMS} for t in (*self.inputs, *self.outputs)}
+        axes.update({name: {0: "batch_size", 2: "past_sequence_length"} for name in kv_names(PAST, layers)})
+        axes.update({name: {0: "batch_size", 2: "total_sequence_length"} for name in kv_names(PRESENT, layers)})
+        return {name: dims for name, dims in axes.items() if dims}
+
+
+def kv_names(prefix: str, layers: int) -> list[str]:
+    """past_key_values.{i}.key/value or present.{i}.key/value, in layer order."""
+    return [f"{prefix}.{i}.{kind}" for i in range(layers) for kind in KV_KINDS]
+
+
+VISION = GraphSpec(
+    "vision_encoder", "vision",
+    inputs=(Tensor("pixel_values", ("batch_size", 3, "height", "width"), doc="SigLIP-normalized RGB"),),
+    outputs=(Tensor("image_features", ("batch_size", "image_tokens", "hidden_size"), doc="projected, unscaled"),),
+)
+EMBED = GraphSpec(
+    "embed_tokens", "embed",
+    inputs=(Tensor("input_ids", ("batch_size", "sequence_length"), "int64"),),
+    outputs=(Tensor("inputs_embeds", ("batch_size", "sequence_length", "hidden_size"), doc="scaled by sqrt(hidden)"),),
+)
+DECODER = GraphSpec(
+    "decoder_model_merged", "decoder",
+    inputs=(
+        Tensor("inputs_embeds", ("batch_size", "sequence_length", "hidden_size")),
+        Tensor("attention_mask", ("batch_size", "total_sequence_length"), "int64"),
+        Tensor("position_ids", ("batch_size", "sequence_length"), "int64", doc="1-based"),
+    ),
+    outputs=(Tensor("logits", ("batch_size", "logits_length", "vocab_size"), doc="sequence_length, or logits_to_keep"),),
+    cache=True,
+    optional_inputs=(Tensor(LOGITS_TO_KEEP, (), "int64", doc="0: every position"),),
+)
+GRAPHS = (VISION, EMBED, DECODER)
+GRAPH_NAMES = tuple(spec.name for spec in GRAPHS)
+BY_OPTION = {spec.option: spec for spec in GRAPHS}  # CLI / recipe key -> graph
+
+
+def graph_path(folder: str | Path, graph: str, precision: str = "fp32") -> Path:
+    """Where an artifact keeps `graph` (a name in GRAPH_NAMES) at `precision`."""
+    return Path(folder) / "onnx" / f"{graph}{DTYPE_SUFFIX[precision]}.onnx"
+
+
+# ---- Core ML packages: one-image, stateful decoder (pgexport.coreml) ----
+
+@dataclass(frozen=True)
+class PackageSpec:
+    """One Core ML package: inputs, outputs and states, with the docs the manifest carries."""
+
+    name: str
+    short: str
+    inputs: tuple[Tensor, ...]
+    outputs: tuple[Tensor, ...]
+    states: tuple[Tensor, ...] = ()
+
+    @property
+    def filename(self) -> str:
+        return f"{self.name}.mlpackage"
+
+    def describe(self) -> dict:
+        """The contract as the package's metadata, manifest.json and the package README show it."""
+        entry = {"short": self.short, "inputs": {t.name: t.doc for t in self.inputs}, "outputs": {t.name: t.doc for t in self.outputs}}
+        return entry
+
+
+COREML_VISION = PackageSpec(
+    "vision_encoder",
+    "PaliGemma image encoder (SigLIP + projector): camera frame -> features for the <image> slots.",
+    inputs=(Tensor("image", (1, 3, "image_size", "image_size"), "image",
+                   doc="RGB frame resized to the model's square size; SigLIP normalisation is applied inside."),),
+    outputs=(Tensor("image_features", (1, "image_tokens", "hidden_size"), "float16",
+                    doc="[1, image tokens, hidden]: pass to the decoder at prefill (unscaled, in order)."),),
+)
+COREML_DECODER = PackageSpec(
+    "decoder",
+    "PaliGemma decoder (Gemma) with its KV cache as Core ML state: prefill and decode in one function.",
+    inputs=(
+        Tensor("input_ids", (1, "query"), "int32",
+               doc="[1, q] int32 token ids of this call (the prompt at prefill, the last token when decoding)."),
+        Tensor("image_features", (1, "image_tokens", "hidden_size"), "float16",
+               doc="[1, n, hidden] the vision encoder's output at prefill; any one row when decoding."),
+        Tensor("attention_mask", (1, 1, "query", "end"), "float16",
+               doc="[1, 1, q, end] additive: 0 attend, -1e4 blocked; end = tokens in the cache after this call."),
+    ),
+    outputs=(Tensor("logits", (1, 1, "vocab_size"), "float16", doc="[1, 1, vocab] next-token logits of the last query position."),),
+    states=(
+        Tensor("key_cache", ("layers", 1, "kv_heads", "max_context", "head_dim"), "float16"),
+        Tensor("value_cache", ("layers", 1, "kv_heads", "max_context", "head_dim"), "float16"),
+    ),
+)
+PACKAGES = (COREML_VISION, COREML_DECODER)
