@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pgexport.config import ValidateConfig, make
+from pgexport.metrics import held_out_score, logit_stats, token_agreement
 from pgexport.runtime import OnnxPaliGemma, open_image, prepare_inputs
 
 PARITY_NEW_TOKENS = 16
@@ -106,14 +108,16 @@ def reference_generate(model, inputs: dict, new_tokens: int, stop_at_eos: bool =
     return out.sequences[:, prompt_length:].numpy(), [step.float().numpy() for step in out.logits]
 
 
-def _batches(rows, size=EVAL_BATCH):
-    for start in range(0, len(rows), size):
-        yield rows[start : start + size]
+def eval_rows_for(checkpoint, eval_file: str | Path | None):
+    """Held-out rows for the exact-match check: the given file, or the demo split for the demo
+    model (None otherwise: the gate then has no exact-match figure)."""
+    from pgexport.demo import CHECKPOINT_DIR, EVAL_FILE, load_split
 
-
-def exact_match(answers: list[str], rows) -> float:
-    """Share of rows whose answer equals the row's suffix (both stripped)."""
-    return sum(a.strip() == r.suffix.strip() for a, r in zip(answers, rows)) / len(rows)
+    if eval_file is not None:
+        return load_split(eval_file)
+    if Path(checkpoint.source).resolve() == Path(CHECKPOINT_DIR).resolve():
+        return load_split(EVAL_FILE)
+    return None
 
 
 def reference_outputs(model, processor, samples=None, eval_rows=None) -> Reference:
@@ -125,34 +129,14 @@ def reference_outputs(model, processor, samples=None, eval_rows=None) -> Referen
     tokens, step_logits = reference_generate(model, inputs, PARITY_NEW_TOKENS)
     reference = Reference(inputs, prefill, tokens, np.stack(step_logits, 1), eval_rows)
     if eval_rows:
-        answers = []
-        for chunk in _batches(eval_rows):
+
+        def answer(chunk) -> list[str]:
             batch = prepare_inputs(processor, [open_image(r.image) for r in chunk], [r.prefix for r in chunk])
             new, _ = reference_generate(model, batch, EVAL_MAX_NEW_TOKENS, stop_at_eos=True)
-            answers += processor.tokenizer.batch_decode(new, skip_special_tokens=True)
-        reference.exact_match = exact_match(answers, eval_rows)
+            return processor.tokenizer.batch_decode(new, skip_special_tokens=True)
+
+        reference.exact_match = held_out_score(answer, eval_rows, EVAL_BATCH)["exact_match"]
     return reference
-
-
-def _logit_stats(reference: np.ndarray, candidate: np.ndarray, keep: np.ndarray | None = None) -> dict:
-    """max |diff|, the same over the reference's logit range, and the minimum cosine over positions."""
-    ref = reference.reshape(-1, reference.shape[-1])
-    cand = candidate.reshape(-1, candidate.shape[-1])
-    if keep is not None:
-        ref, cand = ref[keep.reshape(-1).astype(bool)], cand[keep.reshape(-1).astype(bool)]
-    max_abs = float(np.abs(ref - cand).max())
-    span = float(ref.max() - ref.min()) or 1.0
-    cosine = np.sum(ref * cand, -1) / (np.linalg.norm(ref, axis=-1) * np.linalg.norm(cand, axis=-1) + 1e-30)
-    return {"max_abs_diff": max_abs, "max_rel_diff": max_abs / span, "min_cosine": float(cosine.min())}
-
-
-def _agreement(reference: np.ndarray, candidate: np.ndarray) -> float:
-    """Mean over rows of the share of steps before the first differing token."""
-    shares = []
-    for ref_row, cand_row in zip(reference, candidate):
-        differ = np.nonzero(ref_row != cand_row)[0]
-        shares.append((differ[0] if differ.size else len(ref_row)) / len(ref_row))
-    return float(np.mean(shares))
 
 
 def _prefill_logits(runtime: OnnxPaliGemma, inputs: dict) -> np.ndarray:
@@ -163,46 +147,49 @@ def _prefill_logits(runtime: OnnxPaliGemma, inputs: dict) -> np.ndarray:
 def check_hop(runtime: OnnxPaliGemma, reference: Reference, thresholds: Thresholds) -> dict:
     """Compare one artifact precision with the reference; returns the hop's report."""
     inputs = reference.inputs
-    prefill = _logit_stats(reference.prefill_logits, _prefill_logits(runtime, inputs), inputs["attention_mask"])
+    prefill = logit_stats(reference.prefill_logits, _prefill_logits(runtime, inputs), inputs["attention_mask"])
     _, forced = runtime.generate_ids(**inputs, stop_at_eos=False, forced_tokens=reference.tokens, keep_logits=True)
     tokens, _ = runtime.generate_ids(**inputs, max_new_tokens=PARITY_NEW_TOKENS, stop_at_eos=False)
     report = {
         "dtype": runtime.dtype,
         "thresholds": asdict(thresholds),
         "prefill": prefill,
-        "decode": {**_logit_stats(reference.step_logits, np.stack(forced, 1)), "steps": PARITY_NEW_TOKENS},
+        "decode": {**logit_stats(reference.step_logits, np.stack(forced, 1)), "steps": PARITY_NEW_TOKENS},
         "tokens": {
             "batch": int(inputs["input_ids"].shape[0]),
             "left_padded": bool((inputs["attention_mask"] == 0).any()),
             "new_tokens": PARITY_NEW_TOKENS,
             "identical": bool(np.array_equal(tokens, reference.tokens)),
-            "agreement": _agreement(reference.tokens, tokens),
+            "agreement": token_agreement(reference.tokens, tokens),
         },
     }
     if reference.eval_rows:
-        rows, answers = reference.eval_rows, []
-        for chunk in _batches(rows):
+        rows = reference.eval_rows
+
+        def answer(chunk) -> list[str]:
             generated = runtime.generate([open_image(r.image) for r in chunk], [r.prefix for r in chunk], EVAL_MAX_NEW_TOKENS)
-            answers += [g.text for g in generated]
-        artifact_em = exact_match(answers, rows)
+            return [g.text for g in generated]
+
+        artifact_em = held_out_score(answer, rows, EVAL_BATCH)["exact_match"]
         report["exact_match"] = {
             "rows": len(rows),
             "reference": reference.exact_match,
             "artifact": artifact_em,
             "change_points": round(100 * (artifact_em - reference.exact_match), 2),
         }
-    report["failures"] = _failures(report, thresholds)
+    report["failures"] = gate_failures(report, thresholds)
     report["passed"] = not report["failures"]
     return report
 
 
-def _failures(report: dict, limits: Thresholds) -> list[str]:
+def gate_failures(report: dict, limits: Thresholds) -> list[str]:
+    """Every limit missed. Written as `not value <= limit`, so a NaN (a graph that overflowed) fails."""
     failures = []
     for stage in ("prefill", "decode") if limits.max_rel_diff is not None else ("decode",):
         stats = report[stage]
-        if limits.max_rel_diff is not None and stats["max_rel_diff"] > limits.max_rel_diff:
+        if limits.max_rel_diff is not None and not stats["max_rel_diff"] <= limits.max_rel_diff:
             failures.append(f"{stage} logits: max rel diff {stats['max_rel_diff']:.2e} > {limits.max_rel_diff:.0e}")
-        if stats["min_cosine"] < limits.min_cosine:
+        if not stats["min_cosine"] >= limits.min_cosine:
             failures.append(f"{stage} logits: cosine {stats['min_cosine']:.6f} < {limits.min_cosine}")
     if report["tokens"]["agreement"] < limits.min_token_agreement:
         failures.append(f"greedy tokens: agreement {report['tokens']['agreement']:.3f} < {limits.min_token_agreement}")
@@ -218,14 +205,18 @@ def validate(artifact: str | Path, reference: Reference, dtypes: list[str]) -> d
     return {"hops": hops, "passed": all(hop["passed"] for hop in hops.values())}
 
 
-def validate_artifact(artifact: str | Path, reference: str | Path | None = None, *, eval_file=None, allow_pickle=False) -> dict:
-    """Rerun the gate of an artifact against a checkpoint (default: the one in its manifest)."""
+def validate_artifact(artifact: str | Path, config: ValidateConfig | None = None, *, allow_pickle: bool = False,
+                      **options) -> dict:
+    """Rerun the gate of an artifact against a checkpoint (default: the one in its manifest).
+
+    `config` (or its fields as keywords: `validate_artifact(out, reference=..., eval_file=...)`) is a
+    ValidateConfig, the options of `pgexport validate`."""
     from pgexport.load import load_checkpoint
     from pgexport.manifest import read_manifest
-    from pgexport.pipeline import eval_rows_for
 
+    config = make(ValidateConfig, config, **options)
     manifest = read_manifest(artifact)
-    checkpoint = load_checkpoint(reference or manifest["source"]["checkpoint"], allow_pickle=allow_pickle)
-    outputs = reference_outputs(checkpoint.model, checkpoint.processor, eval_rows=eval_rows_for(checkpoint, eval_file))
+    checkpoint = load_checkpoint(config.reference or manifest["source"]["checkpoint"], allow_pickle=allow_pickle)
+    outputs = reference_outputs(checkpoint.model, checkpoint.processor, eval_rows=eval_rows_for(checkpoint, config.eval_file))
     del checkpoint
     return validate(artifact, outputs, manifest.get("dtypes", ["fp32"]))

@@ -10,8 +10,9 @@ import torch
 from transformers import AutoProcessor, PaliGemmaForConditionalGeneration
 
 from pgexport.demo import CHECKPOINT_DIR, EVAL_FILE, load_split, sample_inputs
-from pgexport.demo.task import Shape, box_tokens, exact_match, make_split
+from pgexport.demo.task import Shape, box_tokens, make_split
 from pgexport.errors import BadInputError
+from pgexport.metrics import exact_match
 
 
 @pytest.fixture(scope="module")
@@ -84,12 +85,6 @@ def test_shipped_eval_split_is_the_generated_one():
 def test_boxes_follow_paligemma_format():
     assert box_tokens(Shape(1, 0, "red", "circle")) == "<loc0256><loc0000><loc0511><loc0255>"
     assert box_tokens(Shape(3, 3, "red", "circle")) == "<loc0768><loc0768><loc1023><loc1023>"
-
-
-def test_exact_match_metric():
-    assert exact_match([" red ", "2", "blue"], ["red", "3", "blue"]) == pytest.approx(2 / 3)
-    with pytest.raises(ValueError):
-        exact_match(["a"], [])
 
 
 def test_sample_inputs_pad_a_batch():

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from pgexport.coreml.wrappers import BLOCKED, StatefulDecoder, VisionEncoder
+from pgexport.metrics import logit_stats
 from pgexport.runtime import prepare_inputs
 
 # fp32 wrappers must match transformers as the ONNX fp32 gate does: logits within 1e-4 of the
@@ -63,13 +64,12 @@ def check_wrappers(model, processor, samples=None, new_tokens: int = PARITY_NEW_
         inputs = prepare_inputs(processor, [image], [prompt])
         ref_tokens, ref_logits = reference_generate(model, inputs, new_tokens)
         tokens, logits = wrapper_generate(decoder, vision, inputs["input_ids"], inputs["pixel_values"], new_tokens)
-        reference = np.stack([step[0] for step in ref_logits])
-        span = float(reference.max() - reference.min()) or 1.0
+        stats = logit_stats(np.stack([step[0] for step in ref_logits]), logits)
         rows.append({
             "prompt": prompt,
             "prompt_tokens": int(inputs["input_ids"].shape[1]),
-            "max_abs_diff": float(np.abs(reference - logits).max()),
-            "max_rel_diff": float(np.abs(reference - logits).max()) / span,
+            "max_abs_diff": stats["max_abs_diff"],
+            "max_rel_diff": stats["max_rel_diff"],
             "tokens_identical": bool(np.array_equal(tokens, ref_tokens[0])),
             "tokens": tokens.tolist(),
         })

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from pgexport.coreml.parity import decode_mask, prefill_mask
+from pgexport.metrics import logit_stats, token_agreement
 
 RUNTIME_NEW_TOKENS = 8
 # fp16 packages: same greedy tokens as transformers on most of the way, near-identical logits;
@@ -32,11 +33,6 @@ def runtime_unavailable() -> str | None:
     except ImportError as error:
         return f"coremltools has no Core ML runtime binding ({error}); runtime parity was skipped"
     return None
-
-
-def _agreement(reference, candidate) -> float:
-    differ = np.nonzero(np.asarray(reference) != np.asarray(candidate))[0]
-    return float((differ[0] if differ.size else len(reference)) / len(reference))
 
 
 def coreml_generate(vision, decoder, image, input_ids: np.ndarray, image_size: int, new_tokens: int):
@@ -73,14 +69,13 @@ def compare_runtime(checkpoint, vision, decoder, compress: str, samples=None) ->
     for image, prompt in samples or default_samples(3):
         inputs = prepare_inputs(checkpoint.processor, [image], [prompt])
         ref_tokens, ref_logits = reference_generate(checkpoint.model, inputs, RUNTIME_NEW_TOKENS)
-        ref = np.stack([step[0] for step in ref_logits])
         tokens, logits = coreml_generate(vision, decoder, image, inputs["input_ids"], size, RUNTIME_NEW_TOKENS)
-        cosine = np.sum(ref * logits, -1) / (np.linalg.norm(ref, axis=-1) * np.linalg.norm(logits, axis=-1) + 1e-30)
+        stats = logit_stats(np.stack([step[0] for step in ref_logits]), logits)
         rows.append({
             "prompt": prompt,
-            "max_rel_diff": float(np.abs(ref - logits).max() / ((ref.max() - ref.min()) or 1.0)),
-            "min_cosine": float(cosine.min()),
-            "token_agreement": _agreement(ref_tokens[0], tokens),
+            "max_rel_diff": stats["max_rel_diff"],
+            "min_cosine": stats["min_cosine"],
+            "token_agreement": token_agreement(ref_tokens[0], tokens),
         })
     report = {
         "hop": f"transformers -> Core ML packages ({compress}, fp16 compute)",

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from pgexport.demo.task import Sample, exact_match, make_split
+from pgexport.demo.task import Sample, make_split
 from pgexport.errors import BadInputError
 
 HERE = Path(__file__).resolve().parent
@@ -22,18 +22,17 @@ CHECKPOINT_DIR = HERE / "checkpoint"
 DATA_DIR = HERE / "data"
 EVAL_FILE = DATA_DIR / "eval.jsonl"
 
-__all__ = ["CHECKPOINT_DIR", "EVAL_FILE", "Sample", "exact_match", "load_split", "make_split", "sample_inputs"]
+__all__ = ["CHECKPOINT_DIR", "EVAL_FILE", "Sample", "load_split", "make_split", "sample_inputs"]
 
 
-def load_split(path: str | Path) -> list[Sample]:
-    """Read a JSONL split: one {"image", "prefix", "suffix"} object a line (blank lines skipped), the
-    image path relative to the file. A bad row raises BadInputError naming its line number."""
-    path = Path(path)
+def jsonl_objects(path: Path, what: str) -> list[tuple[int, dict]]:
+    """(line number, object) of every non-blank line of a JSONL file; an unreadable file or a line
+    that is not a JSON object raises BadInputError naming the file (as `what`) or the line."""
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as error:
-        raise BadInputError(f"cannot read eval file {path}: {error}") from error
-    samples = []
+        raise BadInputError(f"cannot read {what} {path}: {error}") from error
+    objects = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -43,6 +42,16 @@ def load_split(path: str | Path) -> list[Sample]:
             raise BadInputError(f"{path}:{number}: not a JSON object: {error.msg}") from error
         if not isinstance(row, dict):
             raise BadInputError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
+        objects.append((number, row))
+    return objects
+
+
+def load_split(path: str | Path) -> list[Sample]:
+    """Read a JSONL split: one {"image", "prefix", "suffix"} object a line (blank lines skipped), the
+    image path relative to the file. A bad row raises BadInputError naming its line number."""
+    path = Path(path)
+    samples = []
+    for number, row in jsonl_objects(path, "eval file"):
         missing = [key for key in ("image", "prefix", "suffix") if not isinstance(row.get(key), str)]
         if missing:
             raise BadInputError(f"{path}:{number}: missing or non-string field(s): {', '.join(missing)}")

@@ -31,6 +31,8 @@ BACKGROUND = (128, 128, 128)  # mid-grey: ~0 after SigLIP normalisation, so empt
 COLORS = {"red": (220, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 220), "yellow": (230, 190, 20)}
 SHAPES = ("circle", "square", "triangle")
 KINDS = ("caption", "color", "count", "detect")
+# How each kind's prompt starts: what the per-kind exact match reads a row's kind from.
+KIND_PREFIXES = {"caption": "caption", "color": "what color", "count": "how many", "detect": "detect"}
 
 # Every word a prompt or an answer uses; the demo tokenizer has one token per word.
 WORDS = (
@@ -113,6 +115,12 @@ def question(scene: list[Shape], kind: str, rng: random.Random) -> tuple[str, st
     raise ValueError(f"unknown question kind {kind!r}")
 
 
+def sample_key(sample: Sample) -> tuple[bytes, str]:
+    """What makes two samples the same question: image pixels and prompt. Training draws skip any
+    sample whose key is in the eval split, so held-out rows stay unseen."""
+    return sample.open_image().tobytes(), sample.prefix
+
+
 def make_sample(rng: random.Random, kind: str, max_shapes: int = MAX_SHAPES) -> Sample:
     """One sample of `kind`, drawing scenes until one can answer it."""
     while True:
@@ -127,12 +135,3 @@ def make_split(n: int, seed: int, max_shapes: int = MAX_SHAPES, kinds: tuple[str
     shapes (the defaults make the eval split; training starts on easier ones)."""
     rng = random.Random(f"pgexport-demo-{seed}")
     return [make_sample(rng, kinds[i % len(kinds)], max_shapes) for i in range(n)]
-
-
-def exact_match(predictions: list[str], references: list[str]) -> float:
-    """Share (0..1) of predictions equal to their reference, both stripped."""
-    if len(predictions) != len(references):
-        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
-    if not references:
-        return 0.0
-    return sum(p.strip() == r.strip() for p, r in zip(predictions, references)) / len(references)

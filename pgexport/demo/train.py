@@ -26,8 +26,9 @@ from transformers import (
 )
 
 from pgexport.demo import CHECKPOINT_DIR, DATA_DIR, load_split
-from pgexport.demo.task import CELL, IMAGE_SIZE, KINDS, MAX_SHAPES, Sample, exact_match, make_split
+from pgexport.demo.task import CELL, IMAGE_SIZE, KIND_PREFIXES, MAX_SHAPES, Sample, make_split, sample_key
 from pgexport.demo.tokenizer import IMAGE_TOKEN, build_tokenizer
+from pgexport.metrics import answer_rows, score_answers
 
 SEED = 0
 THREADS = 2
@@ -82,10 +83,6 @@ def write_eval_split(folder: Path) -> Path:
     return path
 
 
-def _key(sample: Sample) -> tuple[bytes, str]:
-    return sample.open_image().tobytes(), sample.prefix
-
-
 def curriculum(step: int) -> dict:
     """make_split options for `step`. Single-shape scenes first teach what a shape's patch looks like;
     `detect` waits for two shapes, since on one shape it would learn to box every shape whatever
@@ -97,7 +94,7 @@ def curriculum(step: int) -> dict:
 
 def training_batch(processor, step: int, held_out: set) -> dict:
     """Processor inputs with suffix labels for step `step`'s fresh samples, held-out ones dropped."""
-    samples = [s for s in make_split(BATCH, seed=step, **curriculum(step)) if _key(s) not in held_out]
+    samples = [s for s in make_split(BATCH, seed=step, **curriculum(step)) if sample_key(s) not in held_out]
     processor.tokenizer.padding_side = "right"
     return processor(
         images=[s.image for s in samples],
@@ -112,9 +109,8 @@ def training_batch(processor, step: int, held_out: set) -> dict:
 def generate_answers(model, processor, samples: list[Sample], batch_size: int = 32) -> list[str]:
     """Greedy answers (left-padded batches, stop at <eos>), decoded without special tokens."""
     processor.tokenizer.padding_side = "left"
-    answers = []
-    for start in range(0, len(samples), batch_size):
-        chunk = samples[start : start + batch_size]
+
+    def answer(chunk: list[Sample]) -> list[str]:
         inputs = processor(
             images=[s.open_image() for s in chunk],
             text=[IMAGE_TOKEN + s.prefix for s in chunk],
@@ -122,23 +118,15 @@ def generate_answers(model, processor, samples: list[Sample], batch_size: int = 
             return_tensors="pt",
         )
         out = model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
-        answers += processor.tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-    return answers
+        return processor.tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+
+    return answer_rows(answer, samples, batch_size)
 
 
 def evaluate(model, processor, samples: list[Sample]) -> dict:
-    """Exact match over `samples`, overall and per question kind."""
+    """Exact match over `samples` (demo-task rows), overall and per question kind."""
     model.eval()
-    answers = generate_answers(model, processor, samples)
-    references = [s.suffix for s in samples]
-    kinds = [next(k for k, p in zip(KINDS, ("caption", "what color", "how many", "detect")) if s.prefix.startswith(p))
-             for s in samples]
-    per_kind = {}
-    for kind in KINDS:
-        rows = [i for i, k in enumerate(kinds) if k == kind]
-        if rows:
-            per_kind[kind] = exact_match([answers[i] for i in rows], [references[i] for i in rows])
-    return {"exact_match": exact_match(answers, references), "rows": len(samples), "per_kind": per_kind}
+    return score_answers(generate_answers(model, processor, samples), samples, KIND_PREFIXES)
 
 
 def _lr_factor(step: int, steps: int) -> float:
@@ -159,7 +147,7 @@ def train(out: Path = CHECKPOINT_DIR, data: Path = DATA_DIR, steps: int = STEPS,
     torch.manual_seed(SEED)
     processor = build_processor()
     eval_rows = load_split(write_eval_split(Path(data)))
-    held_out = {_key(s) for s in make_split(EVAL_ROWS, EVAL_SEED)}
+    held_out = {sample_key(s) for s in make_split(EVAL_ROWS, EVAL_SEED)}
     model = PaliGemmaForConditionalGeneration(model_config(processor.tokenizer))
     model.generation_config = GenerationConfig(
         bos_token_id=2, eos_token_id=1, pad_token_id=0, do_sample=False, max_new_tokens=MAX_NEW_TOKENS

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from pgexport.demo import load_split
-from pgexport.demo.task import KINDS, Sample, make_split
+from pgexport.demo.task import KINDS, Sample, make_split, sample_key
 from pgexport.errors import BadInputError
 
 DEMO_SEED_BASE = 1_000_000  # the teacher's training batches used seeds 0..2999; the eval split seed -1
@@ -44,13 +44,13 @@ class DemoTaskRows:
     a held-out one (same pixels and prompt), so the eval split stays unseen."""
 
     def __init__(self, rows: int, seed: int = 0):
-        from pgexport.demo.train import EVAL_ROWS, EVAL_SEED, _key
+        from pgexport.demo.train import EVAL_ROWS, EVAL_SEED
 
         if rows < 1:
             raise BadInputError(f"the generated demo split needs at least one row, got {rows}")
         self.path = f"demo task, {rows} generated rows per epoch"
-        self.rows, self.seed, self._key = rows, seed, _key
-        self.held_out = {_key(s) for s in make_split(EVAL_ROWS, EVAL_SEED)}
+        self.rows, self.seed = rows, seed
+        self.held_out = {sample_key(s) for s in make_split(EVAL_ROWS, EVAL_SEED)}
 
     def __len__(self) -> int:
         return self.rows
@@ -63,7 +63,7 @@ class DemoTaskRows:
         for retry in range(100):
             # make_split cycles question kinds by position: one row at a time, the index picks it
             (sample,) = make_split(1, seed=f"{seed}-{retry}" if retry else seed, kinds=(KINDS[index % len(KINDS)],))
-            if self._key(sample) not in self.held_out:
+            if sample_key(sample) not in self.held_out:
                 return sample
         raise RuntimeError(f"could not draw a sample outside the eval split (seed {seed})")
 

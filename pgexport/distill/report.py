@@ -10,13 +10,13 @@ from pathlib import Path
 
 import torch
 
-from pgexport.demo.task import Sample, exact_match
+from pgexport.demo.task import KIND_PREFIXES, Sample
+from pgexport.metrics import held_out_score
 from pgexport.runtime import prepare_inputs
 
 EVAL_BATCH = 32
 EVAL_MAX_NEW_TOKENS = 48  # as the parity gate's exact-match check
 LATENCY_NEW_TOKENS = 16
-DEMO_KINDS = {"caption": "caption", "color": "what color", "count": "how many", "detect": "detect"}
 
 
 def _tensors(model, processor, samples) -> dict:
@@ -29,31 +29,19 @@ def _tensors(model, processor, samples) -> dict:
 
 
 @torch.no_grad()
-def answers(model, processor, samples, max_new_tokens: int = EVAL_MAX_NEW_TOKENS) -> list[str]:
-    """Greedy answers (left-padded batches, stop at eos), decoded without special tokens."""
-    result = []
-    for start in range(0, len(samples), EVAL_BATCH):
-        inputs = _tensors(model, processor, samples[start : start + EVAL_BATCH])
-        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-        result += processor.tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-    return result
+def answer_batch(model, processor, samples, max_new_tokens: int = EVAL_MAX_NEW_TOKENS) -> list[str]:
+    """Greedy answers to one left-padded batch (stop at eos), decoded without special tokens."""
+    inputs = _tensors(model, processor, samples)
+    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    return processor.tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
 def evaluate(model, processor, samples) -> dict:
     """Held-out exact match, overall and (on demo-task prompts) per question kind."""
     was_training = model.training
     model.eval()
-    predicted = answers(model, processor, samples)
+    result = held_out_score(lambda chunk: answer_batch(model, processor, chunk), samples, EVAL_BATCH, KIND_PREFIXES)
     model.train(was_training)
-    references = [s.suffix for s in samples]
-    result = {"exact_match": exact_match(predicted, references), "rows": len(samples)}
-    kinds = [next((k for k, p in DEMO_KINDS.items() if s.prefix.startswith(p)), None) for s in samples]
-    if None not in kinds:
-        result["per_kind"] = {
-            kind: exact_match([predicted[i] for i, k in enumerate(kinds) if k == kind],
-                              [references[i] for i, k in enumerate(kinds) if k == kind])
-            for kind in DEMO_KINDS if kind in kinds
-        }
     return result
 
 

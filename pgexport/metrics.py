@@ -1,0 +1,115 @@
+"""Every figure a parity check or an evaluation reports, computed in one place.
+
+    exact_match(predictions, references)   share of answers equal to their reference (both stripped)
+    score_answers(answers, rows, kinds)    exact match over held-out rows, overall and per question kind
+    held_out_score(answer, rows, batch)    the same, generating the answers batch by batch
+    token_agreement(reference, tokens)     greedy-token agreement: share of steps before the first mismatch
+    row_cosines(reference, candidate)      cosine of each row (last axis) of two arrays
+    max_rel_diff(reference, candidate)     max |difference| over the reference's value range
+    logit_stats(reference, candidate)      max_abs_diff, max_rel_diff and min_cosine of two logit arrays
+
+The parity gate (validate), the Core ML hops, the fp16 and optimization passes, distillation, the
+demo trainer and build all read their figures from here, so one figure means one computation
+wherever it is reported. Plain NumPy and Python: nothing here loads a model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+
+import numpy as np
+
+
+def exact_match(predictions: list[str], references: list[str]) -> float:
+    """Share (0..1) of predictions equal to their reference, both stripped of surrounding
+    whitespace (case counts). Unequal lengths raise ValueError (a lost or extra answer is a bug,
+    not a miss); no references scores 0.0."""
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
+    if not references:
+        return 0.0
+    return sum(p.strip() == r.strip() for p, r in zip(predictions, references)) / len(references)
+
+
+def score_answers(answers: list[str], rows: Sequence, kinds: dict[str, str] | None = None) -> dict:
+    """Exact match of `answers` against the rows' suffixes: {"exact_match", "rows"}, plus
+    "per_kind" {kind: exact match} when `kinds` ({kind: prompt start}, e.g. the demo task's
+    KIND_PREFIXES) names a kind for every row's prefix; kinds in `kinds`' order, those present only."""
+    references = [row.suffix for row in rows]
+    result = {"exact_match": exact_match(answers, references), "rows": len(rows)}
+    if kinds is not None:
+        of_row = [next((k for k, start in kinds.items() if row.prefix.startswith(start)), None) for row in rows]
+        if None not in of_row:
+            result["per_kind"] = {
+                kind: exact_match([a for a, k in zip(answers, of_row) if k == kind],
+                                  [r for r, k in zip(references, of_row) if k == kind])
+                for kind in kinds if kind in of_row
+            }
+    return result
+
+
+def batches(rows: Sequence, size: int) -> Iterator[Sequence]:
+    """Consecutive slices of `rows`, `size` at a time (the last may be shorter)."""
+    for start in range(0, len(rows), size):
+        yield rows[start : start + size]
+
+
+def answer_rows(answer: Callable[[Sequence], list[str]], rows: Sequence, batch_size: int) -> list[str]:
+    """The answers of `answer` (a batch of rows -> their answers) over every row, `batch_size` rows
+    a call. The batch size is the caller's: left-padded batches of another size change the
+    numerics, so each check keeps the one its figures were measured with."""
+    result = []
+    for chunk in batches(rows, batch_size):
+        result += answer(chunk)
+    return result
+
+
+def held_out_score(answer: Callable[[Sequence], list[str]], rows: Sequence, batch_size: int,
+                   kinds: dict[str, str] | None = None) -> dict:
+    """Exact match of a model over held-out rows: `answer` maps a batch of rows to the model's
+    answers; returns score_answers' report."""
+    return score_answers(answer_rows(answer, rows, batch_size), rows, kinds)
+
+
+def token_agreement(reference_tokens, tokens) -> float:
+    """Greedy-token agreement: per row, the share of steps before the first token that differs
+    from the reference (1.0 when none does), averaged over rows. Arrays are [steps] or
+    [rows, steps]. Counting up to the first mismatch, not all matches, because after one wrong
+    token a greedy decode follows another path and later matches are chance."""
+    shares = []
+    for ref_row, row in zip(np.atleast_2d(np.asarray(reference_tokens)), np.atleast_2d(np.asarray(tokens))):
+        differ = np.nonzero(ref_row != row)[0]
+        shares.append((differ[0] if differ.size else len(ref_row)) / len(ref_row))
+    return float(np.mean(shares))
+
+
+def row_cosines(reference: np.ndarray, candidate: np.ndarray) -> np.ndarray:
+    """Cosine similarity of each row (over the last axis) of two arrays of the same shape, as a
+    flat array of rows. Two zero rows are identical (1.0); a zero row against a non-zero one
+    scores 0. NaN stays NaN (finiteness is a separate check where it matters)."""
+    ref = np.asarray(reference).reshape(-1, np.shape(reference)[-1])
+    cand = np.asarray(candidate).reshape(-1, np.shape(candidate)[-1])
+    ref_norm, cand_norm = np.linalg.norm(ref, axis=-1), np.linalg.norm(cand, axis=-1)
+    cosine = np.sum(ref * cand, -1) / np.maximum(ref_norm * cand_norm, 1e-30)
+    return np.where((ref_norm == 0) & (cand_norm == 0), 1.0, cosine)
+
+
+def max_rel_diff(reference: np.ndarray, candidate: np.ndarray) -> float:
+    """max |reference - candidate| over the reference's value range (max - min; 1 when constant):
+    a tolerance that means the same for logits of any scale."""
+    span = float(np.max(reference) - np.min(reference)) or 1.0
+    return float(np.abs(np.asarray(reference) - np.asarray(candidate)).max()) / span
+
+
+def logit_stats(reference: np.ndarray, candidate: np.ndarray, keep: np.ndarray | None = None) -> dict:
+    """max |diff|, the same over the reference's logit range, and the minimum cosine over positions.
+
+    Both arrays are [..., vocab]; `keep` (shaped like their leading axes, e.g. an attention mask)
+    selects the positions compared, so padding does not count."""
+    ref = reference.reshape(-1, reference.shape[-1])
+    cand = candidate.reshape(-1, candidate.shape[-1])
+    if keep is not None:
+        ref, cand = ref[keep.reshape(-1).astype(bool)], cand[keep.reshape(-1).astype(bool)]
+    max_abs = float(np.abs(ref - cand).max())
+    span = float(ref.max() - ref.min()) or 1.0
+    return {"max_abs_diff": max_abs, "max_rel_diff": max_abs / span, "min_cosine": float(row_cosines(ref, cand).min())}
