@@ -1,7 +1,10 @@
-"""Streaming dynamic int8 quantization against onnxruntime's own quantize_dynamic.
+"""Streaming dynamic int8 quantization against onnxruntime's own quantize_dynamic, and the graph
+I/O every streaming quantizer shares (pgexport/graphio).
 
 One small torch model (odd sizes, a 3-D [batch, seq, hidden] input, MatMuls with a run-time B
-and a 2-D head that torch.onnx exports as Gemm) is exported once; every test quantizes it.
+and a 2-D head that torch.onnx exports as Gemm) is exported once; every test quantizes it. The
+streaming quantizers (int8, int4, the embedding table, static int8's streamed path in
+test_quantize_static.py) are also run in chunks of a few rows and compared with one chunk.
 """
 
 from __future__ import annotations
@@ -17,7 +20,11 @@ import torch
 from onnxruntime.quantization import QuantType, quantize_dynamic
 
 from pgexport.errors import BadInputError
+from pgexport.graphio import read as graph_read
+from pgexport.graphio import write as graph_write
 from pgexport.quantize import int8 as q8
+from pgexport.quantize.embed import quantize_embedding
+from pgexport.quantize.int4 import quantize_int4
 from pgexport.quantize.int8 import quantize_dynamic_int8
 
 HIDDEN, WIDE, NARROW, CLASSES = 17, 73, 41, 5  # int8 weights above and below INLINE_LIMIT
@@ -235,11 +242,11 @@ def test_external_data_output(fp32, reference, tmp_path, source, monkeypatch, ca
     assert stats["bytes_after"] == dst.stat().st_size + data.stat().st_size
     model = onnx.load(str(dst), load_external_data=False)
     stored = [t for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
-    assert stored and all(q8._nbytes(t) >= q8.INLINE_LIMIT for t in stored)
+    assert stored and all(graph_read.nbytes(t) >= graph_write.INLINE_LIMIT for t in stored)
     for t in stored:
         info = dict((e.key, e.value) for e in t.external_data)
-        assert info["location"] == data.name and int(info["offset"]) % q8.SMALL_ALIGNMENT == 0
-    assert all(q8._nbytes(t) < q8.INLINE_LIMIT for t in model.graph.initializer if t not in stored)
+        assert info["location"] == data.name and int(info["offset"]) % graph_write.SMALL_ALIGNMENT == 0
+    assert all(graph_read.nbytes(t) < graph_write.INLINE_LIMIT for t in model.graph.initializer if t not in stored)
     # loads from anywhere, and runs exactly as the single-file output
     monkeypatch.chdir(tmp_path)
     single = tmp_path / "single.onnx"
@@ -253,12 +260,12 @@ def test_external_data_output(fp32, reference, tmp_path, source, monkeypatch, ca
 
 def test_threshold_picks_external_data(fp32, tmp_path, monkeypatch):
     inline, _, feeds = fp32
-    monkeypatch.setattr(q8, "EXTERNAL_DATA_THRESHOLD", 1000)
+    monkeypatch.setattr(graph_write, "EXTERNAL_DATA_THRESHOLD", 1000)
     dst = tmp_path / "tiny_int8.onnx"
     assert quantize_dynamic_int8(inline, dst, progress=False)["external_data"] == "tiny_int8.onnx.data"
     run(dst, feeds)
     # rerun over it, now as one file: the stale data file goes
-    monkeypatch.setattr(q8, "EXTERNAL_DATA_THRESHOLD", 1 << 40)
+    monkeypatch.setattr(graph_write, "EXTERNAL_DATA_THRESHOLD", 1 << 40)
     assert quantize_dynamic_int8(inline, dst, progress=False)["external_data"] is None
     assert sorted(p.name for p in tmp_path.iterdir()) == [dst.name]
     run(dst, feeds)
@@ -269,11 +276,11 @@ def test_source_unchanged(fp32, reference, tmp_path, monkeypatch):
     files = [external, external.parent / "tiny.onnx.data"]
     before = [sha256(f) for f in files]
     quantize_dynamic_int8(external, tmp_path / "a.onnx", progress=False)
-    monkeypatch.setattr(q8, "INLINE_LIMIT", 64)  # per-channel scale vectors go external too
+    monkeypatch.setattr(graph_write, "INLINE_LIMIT", 64)  # per-channel scale vectors go external too
     quantize_dynamic_int8(external, tmp_path / "b.onnx", per_channel=True, external_data=True, progress=False)
     assert [sha256(f) for f in files] == before
     model = onnx.load(str(tmp_path / "b.onnx"), load_external_data=False)
-    scales = [t for t in model.graph.initializer if t.name.endswith("_scale") and q8._nbytes(t) >= 64]
+    scales = [t for t in model.graph.initializer if t.name.endswith("_scale") and graph_read.nbytes(t) >= 64]
     assert scales and all(t.data_location == onnx.TensorProto.EXTERNAL for t in scales)
     for a, b in zip(run(tmp_path / "b.onnx", feeds), run(reference[True], feeds)):
         np.testing.assert_array_equal(a, b)
@@ -325,3 +332,69 @@ def test_crash_leaves_nothing_that_looks_complete(fp32, tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == [dst.name]  # no temporary, no half data file
     assert sha256(dst) == previous  # the earlier output is untouched
     run(dst, feeds)
+
+
+# ---------------------------------------------------------------------------------------------
+# chunked streaming: every streaming quantizer reads weights in row chunks of `chunk_bytes`; a
+# chunk of a few rows must give the same file, byte for byte, as one chunk per weight.
+
+V, H, F = 301, 48, 100  # table rows, hidden, MLP width: F rows of w2 cross int4's 32-row chunks unevenly
+
+
+def _streaming_graph(folder: Path, external: bool) -> Path:
+    """Gather(table) -> MatMul(w1) -> Relu -> MatMul(w2) -> ReduceMean -> Gemm(head, transB=1)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(2)
+    weights = [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+               for name, shape in (("table", (V, H)), ("w1", (H, F)), ("w2", (F, H)), ("head", (5, H)), ("bias", (5,)))]
+    weights.append(numpy_helper.from_array(np.array([1], np.int64), "axes"))
+    nodes = [helper.make_node("Gather", ["table", "ids"], ["e"], "embed"),
+             helper.make_node("MatMul", ["e", "w1"], ["h"], "mm1"), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("MatMul", ["r", "w2"], ["y"], "mm2"),
+             helper.make_node("ReduceMean", ["y", "axes"], ["m"], "mean", keepdims=0),
+             helper.make_node("Gemm", ["m", "head", "bias"], ["logits"], "gemm", transB=1)]
+    graph = helper.make_graph(nodes, "streaming", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["b", "s"])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)], weights)
+    path = folder / "g.onnx"
+    folder.mkdir(parents=True)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10), str(path),
+              save_as_external_data=external, location="g.onnx.data", size_threshold=0)
+    return path
+
+
+STREAMING = {  # name -> quantize(src, dst, chunk_bytes)
+    "int8": lambda s, d, c: quantize_dynamic_int8(s, d, progress=False, chunk_bytes=c),
+    "int8-per-channel": lambda s, d, c: quantize_dynamic_int8(s, d, per_channel=True, progress=False, chunk_bytes=c),
+    "int4-rtn": lambda s, d, c: quantize_int4(s, d, block_size=16, progress=False, chunk_bytes=c),
+    "int4-rtn-symmetric": lambda s, d, c: quantize_int4(s, d, block_size=16, symmetric=True, progress=False, chunk_bytes=c),
+    "embed-4": lambda s, d, c: quantize_embedding(s, d, bits=4, block_size=16, progress=False, chunk_bytes=c),
+    "embed-8": lambda s, d, c: quantize_embedding(s, d, bits=8, block_size=16, progress=False, chunk_bytes=c),
+}
+
+
+@pytest.mark.parametrize("external", [False, True], ids=["inline", "external"])
+@pytest.mark.parametrize("method", sorted(STREAMING))
+def test_chunked_streaming_is_bit_exact(tmp_path, monkeypatch, method, external):
+    """Chunks of 3 rows (int4: its minimum of two 16-row blocks) across every weight, against one
+    chunk per weight: the same bytes. The chunked run must really read several chunks a weight."""
+    src = _streaming_graph(tmp_path / "src", external)
+    blocks: list[int] = []
+    rows = graph_read.Source.rows
+
+    def counted(self, tensor, chunk_bytes):
+        blocks.append(0)
+        for r0, block in rows(self, tensor, chunk_bytes):
+            blocks[-1] += 1
+            yield r0, block
+
+    monkeypatch.setattr(graph_read.Source, "rows", counted)
+    quantize = STREAMING[method]
+    quantize(src, tmp_path / "whole" / "q.onnx", 1 << 30)
+    assert blocks and max(blocks) == 1
+    blocks.clear()
+    quantize(src, tmp_path / "chunked" / "q.onnx", 4 * 3 * H)
+    assert min(blocks) >= 2, blocks  # every weight read in several chunks
+    for folder in ("whole", "chunked"):
+        assert sorted(p.name for p in (tmp_path / folder).iterdir()) == ["q.onnx"]
+    assert sha256(tmp_path / "chunked" / "q.onnx") == sha256(tmp_path / "whole" / "q.onnx")

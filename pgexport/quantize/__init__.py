@@ -10,8 +10,11 @@
     quantize_static_int8, tune_static_int8, calibration_feeds   calibrated int8 (static.py, tune.py,
                                       calibration.py)
 
-artifact.py turns those into the stage over a whole artifact (which precision each graph gets,
-the variants in the manifest, the size report); pgexport.pipeline.quantize_artifact is the spine.
+Every pass streams its graph through pgexport.graphio (read a weight in row chunks, write the
+new graph and its data file; one loop, `graphio.write.write_graph`); rewrite.py holds what the
+rewrites share (loading a float graph, node and name helpers). artifact.py turns the passes into
+the stage over a whole artifact (which precision each graph gets, the variants in the manifest,
+the size report); pgexport.pipeline.quantize_artifact is the spine.
 """
 
 from __future__ import annotations

@@ -26,10 +26,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from pgexport.contract import DECODER, EMBED, PAST, VISION, graph_path
 from pgexport.errors import BadInputError
-from pgexport.runtime import OnnxPaliGemma, graph_path, open_image
+from pgexport.runtime import OnnxPaliGemma, open_image
 
-CALIBRATION_GRAPHS = ("vision_encoder", "decoder_model_merged")
+CALIBRATION_GRAPHS = (VISION.name, DECODER.name)
 DEFAULT_PROMPT = "caption en"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 # The demo task's seeds: eval is -1, training steps 0, 1, 2, ...; calibration draws its own.
@@ -45,20 +46,22 @@ def calibration_feeds(
     if limit < 1:
         raise BadInputError(f"calibration limit must be at least 1, got {limit}")
     artifact = Path(artifact)
-    if not (artifact / "manifest.json").is_file() or not (artifact / "onnx").is_dir():
-        raise BadInputError(f"{artifact}: not a pgexport ONNX artifact (no manifest.json or onnx/)")
+    # No manifest asked for: quantize calibrates on the artifact it is still staging (no manifest yet).
+    if not (artifact / "config.json").is_file() or not (artifact / "onnx").is_dir():
+        raise BadInputError(f"{artifact}: not a pgexport ONNX artifact (no config.json or onnx/)")
     if source is None:
         pairs = _demo_pairs(limit)
     else:
         pairs = [(open_image(image), prompt) for image, prompt in _source_rows(Path(source))[:limit]]
-    runtime = PrefillFeeds(artifact, with_graphs=graph == "decoder_model_merged")
+    runtime = PrefillFeeds(artifact, with_graphs=graph == DECODER.name)
+    pixels = VISION.inputs[0].name
     feeds = []
     for image, prompt in pairs:
         inputs = runtime.preprocess([image], [prompt])
-        if graph == "vision_encoder":
-            feeds.append({"pixel_values": inputs["pixel_values"].astype(np.float32)})
+        if graph == VISION.name:
+            feeds.append({pixels: inputs[pixels].astype(np.float32)})
         else:
-            feeds.append(runtime.prefill_feed(inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"]))
+            feeds.append(runtime.prefill_feed(**inputs))
     return feeds
 
 
@@ -93,19 +96,11 @@ def _source_rows(source: Path) -> list[tuple[Path, str]]:
 
 
 def _jsonl_rows(path: Path) -> list[tuple[Path, str]]:
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as error:
-        raise BadInputError(f"cannot read calibration file {path}: {error}") from error
+    from pgexport.demo import jsonl_objects
+
     rows = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise BadInputError(f"{path}:{number}: not a JSON object: {error.msg}") from error
-        if not isinstance(row, dict) or not isinstance(row.get("image"), str) or not isinstance(row.get("prefix"), str):
+    for number, row in jsonl_objects(path, "calibration file"):
+        if not isinstance(row.get("image"), str) or not isinstance(row.get("prefix"), str):
             raise BadInputError(f'{path}:{number}: expected {{"image": str, "prefix": str}}')
         rows.append((path.parent / row["image"], row["prefix"]))
     if not rows:
@@ -137,8 +132,8 @@ class PrefillFeeds(OnnxPaliGemma):
         self.float_type = self.pixel_type = np.float32  # fp32 graphs
         self.sessions, self.past_inputs = {}, []
         if with_graphs:
-            for graph in ("vision_encoder", "embed_tokens"):
+            for graph in (VISION.name, EMBED.name):
                 path = str(graph_path(folder, graph, "fp32"))
                 self.sessions[graph] = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-            decoder = onnx.load(str(graph_path(folder, "decoder_model_merged", "fp32")), load_external_data=False)
-            self.past_inputs = [_Input(i) for i in decoder.graph.input if i.name.startswith("past_key_values.")]
+            decoder = onnx.load(str(graph_path(folder, DECODER.name, "fp32")), load_external_data=False)
+            self.past_inputs = [_Input(i) for i in decoder.graph.input if i.name.startswith(PAST + ".")]

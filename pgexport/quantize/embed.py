@@ -13,7 +13,7 @@ chunk by row chunk). Asymmetric, as onnxruntime's own Gather quantization
 (DefaultWeightOnlyQuantizer.quant_slice_asymmetric): per block, min/max widened to include 0,
 scale = (max - min) / (2^bits - 1), zero point = round(-min / scale); 4-bit values and 4-bit
 zero points are packed two per byte, low nibble first (the operator's uint8 layout).
-Memory: one chunk of rows at a time, as in pgexport/quantize/int8.py.
+Memory: one chunk of rows (`chunk_bytes`) at a time, streamed through pgexport/graphio as int8's are.
 """
 
 from __future__ import annotations
@@ -25,30 +25,29 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from pgexport.graphio.read import CHUNK_BYTES, Source, copy_message, file_bytes
+from pgexport.graphio.write import Sink, write_graph
 from pgexport.quantize.int4 import check_block_size
-from pgexport.quantize.int8 import (
+from pgexport.quantize.rewrite import (
+    FreshNames,
     QuantizeInputError,
-    _all_names,
-    _all_nodes,
-    _all_tensors,
-    _attr,
-    _check_destination,
-    _copy,
-    _copy_through,
-    _file_bytes,
-    _load,
-    _Names,
-    _Source,
-    write_model,
+    add_opset,
+    all_names,
+    attribute,
+    open_source,
+    replace_nodes,
+    used_names,
 )
 
 BITS = (4, 8)
 
 
 def quantize_embedding(
-    src: Path, dst: Path, *, bits: int = 4, block_size: int = 32, progress: bool = True, external_data: bool | None = None
+    src: Path, dst: Path, *, bits: int = 4, block_size: int = 32, progress: bool = True,
+    external_data: bool | None = None, chunk_bytes: int = CHUNK_BYTES,
 ) -> dict:
-    """Quantize the Gather tables of the fp32 ONNX model `src` to `bits` at `dst`.
+    """Quantize the Gather tables of the fp32 ONNX model `src` to `bits` at `dst`, `chunk_bytes`
+    of a table at a time (the output does not depend on it).
 
     Returns {"quantized": Gathers rewritten, "tables": [names], "skipped": [...], "bits",
     "block_size", "bytes_before", "bytes_after", "external_data", "seconds"}.
@@ -58,21 +57,26 @@ def quantize_embedding(
         raise QuantizeInputError(f"embedding bits {bits}: choose 4 or 8")
     check_block_size(block_size)
     src, dst = Path(src), Path(dst)
-    model = _load(src)
-    source = _Source(src.parent)
-    source_files = source.check_all(model, src)
-    _check_destination(src, dst, source_files)
+    model, source, source_files = open_source(src, dst)
     tables, skipped = _rewrite(model, bits, block_size)
-    external = write_model(model, source, dst, external_data,
-                           lambda sink: _stream(model, tables, source, sink, bits, block_size))
+    by_name = {t.name: t for t in model.graph.initializer}
+
+    def producer(entry: dict):
+        def produce(tensor, sink: Sink) -> None:
+            _quantize(entry, source, sink, tensor, by_name, bits, block_size, chunk_bytes)
+        return produce
+
+    skip = {e[k] for e in tables.values() for k in ("scales", "zero_points")}
+    external = write_graph(model, source, dst, {e["q"]: producer(e) for e in tables.values()}, skip=skip,
+                           external_data=external_data, label="embed", progress=progress)
     return {
         "quantized": sum(len(t["nodes"]) for t in tables.values()),
         "tables": sorted(tables),
         "skipped": skipped,
         "bits": bits,
         "block_size": block_size,
-        "bytes_before": _file_bytes(src, source_files),
-        "bytes_after": _file_bytes(dst, [dst.parent / (dst.name + ".data")] if external else []),
+        "bytes_before": file_bytes(src, source_files),
+        "bytes_after": file_bytes(dst, [dst.parent / (dst.name + ".data")] if external else []),
         "external_data": dst.name + ".data" if external else None,
         "seconds": round(time.perf_counter() - started, 3),
     }
@@ -80,7 +84,7 @@ def quantize_embedding(
 
 def _rewrite(model: onnx.ModelProto, bits: int, block_size: int):
     graph = model.graph
-    fresh = _Names(_all_names(graph))
+    fresh = FreshNames(all_names(graph))
     initializers = {t.name: t for t in graph.initializer}
     graph_inputs = {v.name for v in graph.input}
     tables, skipped, nodes = {}, [], []
@@ -95,7 +99,7 @@ def _rewrite(model: onnx.ModelProto, bits: int, block_size: int):
             reason = "data is not a constant initializer"
         elif table.data_type != TensorProto.FLOAT or len(table.dims) != 2:
             reason = "data is not a 2-D float32 table"
-        elif _attr(node, "axis", 0) != 0:
+        elif attribute(node, "axis", 0) != 0:
             reason = "gathers along an axis other than 0"
         elif bits == 4 and table.dims[1] % 2:
             reason = "odd row length: 4-bit values pack two per byte"
@@ -113,19 +117,15 @@ def _rewrite(model: onnx.ModelProto, bits: int, block_size: int):
             node.name + f"_Q{bits}" if node.name else "", domain="com.microsoft",
             bits=bits, block_size=block_size, gather_axis=0, quantize_axis=1,
         ))
-    kept = [_copy(n) for n in nodes]
-    graph.ClearField("node")
-    graph.node.extend(kept)
-    if tables and not any(o.domain == "com.microsoft" for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-    used = {o.name for o in graph.output}
-    for node in _all_nodes(graph):
-        used.update(node.input)
+    replace_nodes(graph, nodes)
+    if tables:
+        add_opset(model, "com.microsoft")
+    used = used_names(graph)
     for index in reversed(range(len(graph.initializer))):
         tensor = graph.initializer[index]
         if tensor.name in tables:
             if tensor.name in used:
-                tables[tensor.name]["source"] = _copy(tensor)
+                tables[tensor.name]["source"] = copy_message(tensor)
             else:
                 del graph.initializer[index]
     for entry in tables.values():
@@ -166,33 +166,22 @@ def _pack(values: np.ndarray, bits: int) -> np.ndarray:
     return (values[:, 0::2] | (values[:, 1::2] << 4)).astype(np.uint8)
 
 
-def _stream(model, tables: dict, source: _Source, sink, bits: int, block_size: int) -> None:
-    graph = model.graph
-    by_name = {t.name: t for t in graph.initializer}
-    filled = {e[k] for e in tables.values() for k in ("scales", "zero_points")}
-    by_q = {e["q"]: e for e in tables.values()}
-    for tensor in graph.initializer:
-        if tensor.name in filled:
-            continue
-        entry = by_q.get(tensor.name)
-        if entry is None:
-            _copy_through(tensor, source, sink)
-            continue
-        rows, cols = (int(d) for d in entry["source"].dims)
-        scales = np.empty(list(by_name[entry["scales"]].dims), np.float32)
-        zero_points = np.empty(list(by_name[entry["zero_points"]].dims), np.uint8)
+def _quantize(entry: dict, source: Source, sink: Sink, tensor, placeholders: dict, bits: int, block_size: int,
+              chunk_bytes: int) -> None:
+    """Fill a table's placeholders: its packed values streamed into the sink a chunk of rows at a
+    time, its scales and zero points (a few per row) gathered meanwhile and put after."""
+    rows, cols = (int(d) for d in entry["source"].dims)
+    scales = np.empty(list(placeholders[entry["scales"]].dims), np.float32)
+    zero_points = np.empty(list(placeholders[entry["zero_points"]].dims), np.uint8)
 
-        def parts():  # packed values, one chunk of rows at a time, straight into the sink
-            for r0, block in source.rows(entry["source"]):
-                values, s, z = quantize_rows(block, bits, block_size)
-                scales[r0 : r0 + len(block)] = s
-                zero_points[r0 : r0 + len(block)] = _pack(z, bits)
-                yield _pack(values, bits)
+    def parts():
+        for r0, block in source.rows(entry["source"], chunk_bytes):
+            values, s, z = quantize_rows(block, bits, block_size)
+            scales[r0 : r0 + len(block)] = s
+            zero_points[r0 : r0 + len(block)] = _pack(z, bits)
+            yield _pack(values, bits)
 
-        sink.put(tensor, parts(), rows * cols * bits // 8)
-        for name, value in ((entry["scales"], scales), (entry["zero_points"], zero_points)):
-            by_name[name].CopyFrom(onnx.numpy_helper.from_array(value, name))
-            _copy_through(by_name[name], source, sink)
-        entry["source"] = TensorProto()
-    for tensor in _all_tensors(graph, initializers=False):
-        _copy_through(tensor, source, sink)
+    sink.put(tensor, parts(), rows * cols * bits // 8)
+    sink.put_array(placeholders[entry["scales"]], scales)
+    sink.put_array(placeholders[entry["zero_points"]], zero_points)
+    entry["source"] = TensorProto()

@@ -32,7 +32,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from pgexport.quantize.int8 import _graph_bytes, _link_data_files, _load
+from pgexport.contract import DECODER, EMBED, VISION, graph_path
+from pgexport.graphio.read import graph_bytes, link_data_files
+from pgexport.metrics import row_cosines
+from pgexport.quantize.rewrite import load_float_graph
 
 FP16_MAX = 65504.0
 FP16_LIMIT = FP16_MAX / 4
@@ -46,18 +49,17 @@ def sample_feeds(folder: Path, graph: str) -> list[dict[str, np.ndarray]]:
     on the 3B decoder alone peaks at 11.4 GB, and --optimize's feeds were made beside the fused
     10 GB model."""
     from pgexport.quantize.calibration import PrefillFeeds
-    from pgexport.runtime import graph_path
     from pgexport.validate import default_samples
 
-    model = PrefillFeeds(folder, with_graphs=graph == "decoder_model_merged")
+    model = PrefillFeeds(folder, with_graphs=graph == DECODER.name)
     images, prompts = zip(*default_samples())
     inputs = model.preprocess(list(images), list(prompts))
-    if graph == "vision_encoder":
-        return [{"pixel_values": inputs["pixel_values"].astype(np.float32)}]
-    if graph == "embed_tokens":
-        ids = np.where(inputs["input_ids"] == model.image_token_id, 0, inputs["input_ids"])
-        return [{"input_ids": ids}]
-    feed = model.prefill_feed(inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"])
+    pixels, ids = VISION.inputs[0].name, EMBED.inputs[0].name
+    if graph == VISION.name:
+        return [{pixels: inputs[pixels].astype(np.float32)}]
+    if graph == EMBED.name:
+        return [{ids: np.where(inputs[ids] == model.image_token_id, 0, inputs[ids])}]
+    feed = model.prefill_feed(**inputs)
     names = {i.name for i in onnx.load(str(graph_path(folder, graph, "fp32")), load_external_data=False).graph.input}
     return [{k: v for k, v in feed.items() if k in names}]
 
@@ -76,7 +78,7 @@ def activation_ranges(src: Path, feeds: list[dict], groups: int = 1) -> dict[str
     stats: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "probe.onnx"
-        _link_data_files(src, base, Path(tmp))
+        link_data_files(src, base, Path(tmp))
         for start in range(0, max(len(candidates), 1), size):
             probe = onnx.ModelProto()
             probe.CopyFrom(base)
@@ -133,9 +135,10 @@ def _load_inferred(src: Path, scratch: Path) -> onnx.ModelProto:
     return model
 
 
-def _outputs(path: Path, feeds: list[dict]) -> list[dict[str, np.ndarray]]:
-    """Every output of the graph at `path` for each feed (float inputs cast to fp16 where the
-    graph takes fp16); the session is released before returning."""
+def graph_outputs(path: Path, feeds: list[dict]) -> list[dict[str, np.ndarray]]:
+    """Every output of the graph at `path` for each feed, as float32 (float inputs cast to fp16
+    where the graph takes fp16); the session is released before returning. The fp16 check and
+    the optimization pass's parity run both graphs of a comparison through it."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -157,8 +160,8 @@ def convert_fp16(folder: Path, graph: str, src: Path, dst: Path, *, progress: bo
     from pgexport.exporters.onnx import EXTERNAL_DATA_THRESHOLD
 
     started = time.perf_counter()
-    _load(src)  # refuses a graph that is quantized already
-    source_bytes = _graph_bytes(src)
+    load_float_graph(src)  # refuses a graph that is quantized already
+    source_bytes = graph_bytes(src)
     feeds = sample_feeds(folder, graph)
     gc.collect()  # the artifact's sessions that made the feeds
     large = source_bytes > EXTERNAL_DATA_THRESHOLD
@@ -187,13 +190,14 @@ def convert_fp16(folder: Path, graph: str, src: Path, dst: Path, *, progress: bo
     gc.collect()
 
     check = {}
-    for want, got in zip(_outputs(src, feeds), _outputs(dst, feeds)):
+    for want, got in zip(graph_outputs(src, feeds), graph_outputs(dst, feeds)):
         for name, expected in want.items():
             actual = got[name]
-            if expected.ndim:
-                expected, actual = expected.reshape(-1, expected.shape[-1]), actual.reshape(-1, expected.shape[-1])
-            norms = np.linalg.norm(expected, axis=-1) * np.linalg.norm(actual, axis=-1)
-            cosine = np.where(norms > 0, np.sum(expected * actual, -1) / np.maximum(norms, 1e-30), 1.0)
+            if not expected.size:
+                continue
+            ref, cand = (np.atleast_1d(a).reshape(-1, np.atleast_1d(a).shape[-1]) for a in (expected, actual))
+            both_zero = ~ref.any(-1) & ~cand.any(-1)  # agree exactly; row_cosines would score them 0
+            cosine = np.where(both_zero, 1.0, row_cosines(ref, cand))
             entry = check.setdefault(name, {"finite": True, "min_cosine": 1.0})
             entry["finite"] &= bool(np.isfinite(actual).all())
             entry["min_cosine"] = min(entry["min_cosine"], float(np.min(cosine)))
@@ -207,6 +211,6 @@ def convert_fp16(folder: Path, graph: str, src: Path, dst: Path, *, progress: bo
         "check": {first: check[first], "all_finite": all(c["finite"] for c in check.values()),
                   "min_cosine": min(c["min_cosine"] for c in check.values())},
         "bytes_before": source_bytes,
-        "bytes_after": _graph_bytes(dst),
+        "bytes_after": graph_bytes(dst),
         "seconds": round(time.perf_counter() - started, 3),
     }

@@ -15,24 +15,22 @@ format: each MatMul whose weight W [K, N] is a constant 2-D float32 initializer 
   to minimise an lp-norm (p = 0.7) of the weight's reconstruction error by a proximal solver):
   onnxruntime's `HQQWeightOnlyQuantizer.quantize_internal` (torch). Its zero points z are floats.
   onnxruntime writes them as MatMulNBits' float zero points, which its CPU kernel serves by
-  dequantizing the whole weight on every call (a [1, 2048] x [2048, 16384] product: 76 ms against
-  0.45 ms with uint8 zero points; 2.9 s per token on the 3B shapes). Here the same weight,
+  dequantizing the whole weight on every call (two orders of magnitude slower than with uint8
+  zero points; benchmarks/results/graphio.md). Here the same weight,
   (q - z) * s = (q - 8) * s + (8 - z) * s, is written as a symmetric MatMulNBits (q, s: implicit
   zero point 8, the fast kernel) plus a per-block correction: the sums of X over each block of K
   rows times C = (8 - z) * s [k_blocks, N] (Pad to whole blocks, Reshape, ReduceSum, MatMul,
-  Add): 0.57 ms on that product. q and s are onnxruntime's bytes; the outputs match its graph's
+  Add), close to the fast kernel's speed. q and s are onnxruntime's bytes; the outputs match its graph's
   to float rounding (tests/test_quantize_methods.py).
 
 Why not call `MatMulNBitsQuantizer` itself: it loads the whole model (10 GB for the 3B decoder)
-and keeps quantized copies beside it. Here, as for int8 (pgexport/quantize/int8.py, whose
-reader/writer this module shares), the graph is loaded without its weights and each weight is
+and keeps quantized copies beside it. Here, as for int8 (both stream through pgexport/graphio), the graph is loaded without its weights and each weight is
 read in chunks of whole blocks along K (an even number of them, so packed zero points never
 straddle two chunks), quantized and written out; only the weight's packed output (1/8 of its
 fp32 size, plus scales) is held until it is written. Chunks give the same bytes as onnxruntime
 for rtn. hqq runs onnxruntime's solver on pieces of at most 1 MiB (HQQ_PIECE_BYTES, columns of a
-chunk), not on the whole tensor: its elementwise temporaries then stay in cache, 9x faster on this
-2-core machine (a 32 MB weight: 4.6 s whole, 0.5 s in 1 MiB pieces; the 10 GB 3B decoder in
-minutes instead of ~100). Each piece's blocks are solved exactly as onnxruntime solves them; the
+chunk), not on the whole tensor: its elementwise temporaries then stay in cache, an order of magnitude
+faster (benchmarks/results/graphio.md). Each piece's blocks are solved exactly as onnxruntime solves them; the
 one difference is the solver's early stop, which onnxruntime decides on the mean error of the
 whole tensor and this module per piece. A tensor of at most 1 MiB comes out identical; above
 that, the mean reconstruction error agrees with onnxruntime's to about 1e-4 of itself
@@ -54,28 +52,24 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from pgexport.quantize.int8 import (
-    CHUNK_BYTES,
+from pgexport.graphio.read import CHUNK_BYTES, Source, copy_message, file_bytes
+from pgexport.graphio.write import Sink, write_graph
+from pgexport.quantize.rewrite import (
+    FreshNames,
     QuantizeInputError,
-    _all_names,
-    _all_nodes,
-    _copy,
-    _copy_through,
-    _file_bytes,
-    _load,
-    _Names,
-    _Source,
-    _subgraphs,
+    add_opset,
+    all_names,
+    open_source,
+    replace_nodes,
+    subgraph_skips,
+    used_names,
     weight_problem,
-    _all_tensors,
-    _check_destination,
-    write_model,
 )
 
 METHODS = ("rtn", "hqq")
 BITS = 4
 IMPLICIT_ZERO_POINT = 1 << (BITS - 1)  # MatMulNBits without zero points: 8
-HQQ_PIECE_BYTES = 1 << 20  # the solver's temporaries stay in cache: 9x faster than 32 MB pieces
+HQQ_PIECE_BYTES = 1 << 20  # the solver's temporaries stay in cache (module docstring)
 
 
 @dataclass
@@ -113,11 +107,14 @@ def quantize_int4(
     accuracy_level: int | None = None,
     progress: bool = True,
     external_data: bool | None = None,
+    chunk_bytes: int = CHUNK_BYTES,
 ) -> dict:
     """Quantize the MatMul weights of the fp32 ONNX model `src` to 4 bits at `dst` (see the module docstring).
 
     accuracy_level: MatMulNBits' attribute (4 = int8 activations, onnxruntime's fast CPU path;
-    None leaves it out: fp32 compute). Returns stats like `quantize_dynamic_int8`'s: "quantized",
+    None leaves it out: fp32 compute). chunk_bytes: about how much of a weight is read at a time
+    (whole blocks; rtn's output does not depend on it, hqq's early stop is decided per chunk piece).
+    Returns stats like `quantize_dynamic_int8`'s: "quantized",
     "quantized_weights", "skipped", "bytes_before", "bytes_after", "weight_bytes_before",
     "weight_bytes_after", "method", "block_size", "external_data", "seconds".
     """
@@ -128,14 +125,20 @@ def quantize_int4(
         raise QuantizeInputError("hqq fits zero points: it has no symmetric form")
     check_block_size(block_size)
     src, dst = Path(src), Path(dst)
-    model = _load(src)
-    source = _Source(src.parent)
-    source_files = source.check_all(model, src)
-    _check_destination(src, dst, source_files)
+    model, source, source_files = open_source(src, dst)
     plan = _rewrite(model, block_size, method, symmetric or method == "hqq", accuracy_level)
     quantize = _hqq if method == "hqq" else _rtn(symmetric)
-    external = write_model(model, source, dst, external_data,
-                           lambda sink: _stream(model, plan, source, sink, quantize, block_size, progress))
+    by_name = {t.name: t for t in model.graph.initializer}
+
+    def producer(weight: _Weight):
+        def produce(tensor: TensorProto, sink: Sink) -> None:
+            _quantize(weight, source, sink, by_name, quantize, block_size, chunk_bytes)
+            weight.source = TensorProto()
+        return produce
+
+    skip = {name for w in plan.weights.values() for name in (w.scale_name, w.zp_name, w.correction_name) if name}
+    external = write_graph(model, source, dst, {name: producer(w) for name, w in plan.weights.items()}, skip=skip,
+                           external_data=external_data, label="int4", progress=progress)
     weight_before = sum(4 * w.k * w.n for w in plan.weights.values())
     weight_after = 0
     for w in plan.weights.values():
@@ -149,8 +152,8 @@ def quantize_int4(
         "quantized": plan.quantized_nodes,
         "quantized_weights": len(plan.weights),
         "skipped": plan.skipped,
-        "bytes_before": _file_bytes(src, source_files),
-        "bytes_after": _file_bytes(dst, [dst.parent / (dst.name + ".data")] if external else []),
+        "bytes_before": file_bytes(src, source_files),
+        "bytes_after": file_bytes(dst, [dst.parent / (dst.name + ".data")] if external else []),
         "weight_bytes_before": weight_before,
         "weight_bytes_after": weight_after,
         "method": method,
@@ -167,7 +170,7 @@ def _rewrite(model: onnx.ModelProto, block_size: int, method: str, symmetric: bo
     correction); placeholders for their weights."""
     graph = model.graph
     plan = _Plan()
-    fresh = _Names(_all_names(graph))
+    fresh = FreshNames(all_names(graph))
     constants: dict[tuple, str] = {}
 
     def constant(*values: int) -> str:  # int64 1-D initializers, one per distinct value
@@ -180,11 +183,7 @@ def _rewrite(model: onnx.ModelProto, block_size: int, method: str, symmetric: bo
     by_source: dict[str, _Weight] = {}
     nodes = []
     for node in graph.node:
-        for sub in _subgraphs(node):
-            for inner in _all_nodes(sub):
-                if inner.op_type == "MatMul":
-                    plan.skipped.append({"node": inner.name, "op_type": inner.op_type,
-                                         "reason": f"inside a subgraph of {node.op_type} {node.name!r}"})
+        plan.skipped += subgraph_skips(node, ("MatMul",))
         if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx"):
             if node.op_type == "Gemm":
                 plan.skipped.append({"node": node.name, "op_type": "Gemm", "reason": "Gemm is not quantized to 4 bits"})
@@ -213,22 +212,17 @@ def _rewrite(model: onnx.ModelProto, block_size: int, method: str, symmetric: bo
         if weight.correction_name:
             nodes += _correction(node.input[0], y, node.output[0], weight, block_size, fresh, constant, name)
         plan.quantized_nodes += 1
-    kept = [_copy(n) for n in nodes]
-    graph.ClearField("node")
-    graph.node.extend(kept)
-    if plan.quantized_nodes and not any(o.domain == "com.microsoft" for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-
-    used = {o.name for o in graph.output}
-    for node in _all_nodes(graph):
-        used.update(node.input)
+    replace_nodes(graph, nodes)
+    if plan.quantized_nodes:
+        add_opset(model, "com.microsoft")
+    used = used_names(graph)
     for index in reversed(range(len(graph.initializer))):
         tensor = graph.initializer[index]
         weight = by_source.get(tensor.name)
         if weight is None:
             continue
         if tensor.name in used:
-            weight.source = _copy(tensor)  # kept for another consumer: streaming rewrites its fields
+            weight.source = copy_message(tensor)  # kept for another consumer: streaming rewrites its fields
         else:
             del graph.initializer[index]  # in place: the _Weight keeps a valid reference
     for w in plan.weights.values():  # placeholders, filled by _stream
@@ -310,7 +304,10 @@ def _hqq(chunk: np.ndarray, block_size: int):
     return packed, scales.numpy(), ((IMPLICIT_ZERO_POINT - zero) * scales).numpy()
 
 
-def _quantize(weight: _Weight, source: _Source, sink, placeholders: dict, quantize, block_size: int) -> None:
+def _quantize(weight: _Weight, source: Source, sink: Sink, placeholders: dict, quantize, block_size: int,
+              chunk_bytes: int) -> None:
+    """Fill the weight's placeholders: row chunks of whole blocks (an even number of them, so
+    packed zero points never straddle two chunks) quantized, the packed output assembled whole."""
     k, n = weight.k, weight.n
     blocks = -(-k // block_size)
     packed = np.empty((n, blocks, block_size // 2), np.uint8)
@@ -318,8 +315,8 @@ def _quantize(weight: _Weight, source: _Source, sink, placeholders: dict, quanti
     # the quantizer's third output: rtn's uint8 zero points, two a byte, or hqq's float corrections
     zero_points = np.empty((n, (blocks + 1) // 2), np.uint8) if weight.zp_name else None
     corrections = np.empty((n, blocks), np.float32) if weight.correction_name else None
-    step = max(2, CHUNK_BYTES // (4 * n * block_size) // 2 * 2) * block_size  # rows: an even number of blocks
-    for r0, chunk in source.rows(weight.source, max_bytes=4 * n * step):
+    step = max(2, chunk_bytes // (4 * n * block_size) // 2 * 2) * block_size  # rows: an even number of blocks
+    for r0, chunk in source.rows(weight.source, 4 * n * step):
         p, s, z = quantize(chunk, block_size)
         b0, nb = r0 // block_size, p.shape[1]
         packed[:, b0 : b0 + nb] = p
@@ -335,36 +332,4 @@ def _quantize(weight: _Weight, source: _Source, sink, placeholders: dict, quanti
     if corrections is not None:
         written.append((weight.correction_name, corrections.T))  # [blocks, N], the correction MatMul's B
     for name, value in written:
-        tensor = placeholders[name]
-        tensor.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(value).reshape(list(tensor.dims)), name))
-        _copy_through(tensor, source, sink)
-
-
-def _stream(model, plan: _Plan, source: _Source, sink, quantize, block_size: int, progress: bool) -> None:
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    graph = model.graph
-    by_name = {t.name: t for t in graph.initializer}
-    filled = {name for w in plan.weights.values() for name in (w.scale_name, w.zp_name, w.correction_name) if name}
-    others = list(_all_tensors(graph, initializers=False))
-    bar = Progress(
-        TextColumn("int4 {task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=Console(stderr=True), disable=not progress, transient=False,
-    )
-    with bar:
-        task = bar.add_task("", total=len(graph.initializer) - len(filled) + len(others))
-        for tensor in graph.initializer:
-            if tensor.name in filled:
-                continue
-            bar.update(task, description=tensor.name[-48:])
-            weight = plan.weights.get(tensor.name)
-            if weight is not None:
-                _quantize(weight, source, sink, by_name, quantize, block_size)
-                weight.source = TensorProto()
-            else:
-                _copy_through(tensor, source, sink)
-            bar.advance(task)
-        for tensor in others:
-            _copy_through(tensor, source, sink)
-            bar.advance(task)
+        sink.put_array(placeholders[name], value)

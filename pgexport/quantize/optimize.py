@@ -23,11 +23,12 @@ import gc
 import time
 from pathlib import Path
 
-import numpy as np
-
+from pgexport.contract import DECODER, VISION
 from pgexport.errors import GateFailedError
+from pgexport.graphio.read import graph_bytes
+from pgexport.metrics import max_rel_diff
 
-MODEL_TYPES = {"vision_encoder": "vit", "decoder_model_merged": "gpt2"}
+MODEL_TYPES = {VISION.name: "vit", DECODER.name: "gpt2"}
 MAX_REL_DIFF = 1e-4  # the fp32 gate's: fusions reorder float math, they must not change the model
 
 
@@ -39,13 +40,12 @@ def optimize_graph(folder: Path, graph: str, src: Path, dst: Path) -> dict:
     from onnxruntime.transformers.optimizer import optimize_model
 
     from pgexport.exporters.onnx import EXTERNAL_DATA_THRESHOLD
-    from pgexport.quantize.fp16 import _outputs, sample_feeds
-    from pgexport.quantize.int8 import _graph_bytes
+    from pgexport.quantize.fp16 import graph_outputs, sample_feeds
 
     started = time.perf_counter()
     if graph not in MODEL_TYPES:
         return {"skipped": f"nothing to fuse in {graph}"}
-    external = _graph_bytes(src) > EXTERNAL_DATA_THRESHOLD
+    external = graph_bytes(src) > EXTERNAL_DATA_THRESHOLD
     options = FusionOptions(MODEL_TYPES[graph])
     options.enable_attention = False
     # Symbolic shape inference (the skip-norm fusions' broadcast check) copies the whole model:
@@ -62,10 +62,9 @@ def optimize_graph(folder: Path, graph: str, src: Path, dst: Path) -> dict:
 
     worst = 0.0
     feeds = sample_feeds(folder, graph)
-    for want, got in zip(_outputs(src, feeds), _outputs(dst, feeds)):
+    for want, got in zip(graph_outputs(src, feeds), graph_outputs(dst, feeds)):
         for name, expected in want.items():
-            span = float(expected.max() - expected.min()) or 1.0
-            worst = max(worst, float(np.abs(expected - got[name]).max()) / span)
+            worst = max(worst, max_rel_diff(expected, got[name]))
     report = {
         "model_type": MODEL_TYPES[graph],
         "op_changes": {op: after[op] - before[op] for op in sorted(set(before) | set(after)) if after[op] != before[op]},

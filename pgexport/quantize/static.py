@@ -41,17 +41,15 @@ on uint8), which took the demo vision encoder's background patches apart (prefil
 
 Memory: neural-compressor works on whole models. It opens an onnxruntime session on the model
 just to detect the framework, then holds the graph with its weights, a deep copy to quantize and
-the serialized bytes it hands onnxruntime: 6.9 GB peak for the 1.66 GB 3B-shape vision encoder
-(benchmarks/results/quantize_static.md), about 40 GB projected for the 10 GB decoder. Its
+the serialized bytes it hands onnxruntime: several times the graph's size
+(benchmarks/results/quantize_static.md), too much for the 10 GB 3B decoder on a 24 GB machine. Its
 large-model answer, the `layer_wise_quant` recipe, splits our decoder at its blocks but fails in
 calibration: "Required inputs (['past_key_values.1.key']) are missing from input feed" (its split
 dataloader does not carry graph inputs that later blocks read). So a graph over 2 GiB of weights
-(or `streamed=True`) takes `quantize_static_int8_streamed`: the same QDQ form on MatMuls, minus
-the QDQ pairs on their outputs, with neural-compressor's scale/zero-point/quantize functions,
-calibrated with one onnxruntime session and written one tensor at a time (see its docstring):
-12.7 GB peak for the 3B decoder. (onnxruntime's quantize_static, the other candidate, also works
-on the whole model in memory.) Not tuned: tune.py runs neural-compressor's loop, which needs the
-whole model.
+(or `streamed=True`) takes static_streamed.py: the same QDQ form on MatMuls, calibrated with one
+onnxruntime session and written one tensor at a time. (onnxruntime's quantize_static, the other
+candidate, also works on the whole model in memory.) Not tuned: tune.py runs neural-compressor's
+loop, which needs the whole model.
 
 Output: written in a temporary folder beside `dst` (also neural-compressor's workspace, so no
 ./nc_workspace appears) and renamed into place, the .onnx last, so a crash never leaves an .onnx
@@ -70,20 +68,17 @@ from collections import Counter
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import onnx
 
 from pgexport.errors import import_optional
-from pgexport.quantize.int8 import QUANTIZED_OPS, QuantizeInputError, _graph_bytes, _link_data_files, _load
+from pgexport.graphio.read import CHUNK_BYTES, graph_bytes, link_data_files
+from pgexport.graphio.write import EXTERNAL_DATA_THRESHOLD
+from pgexport.quantize.rewrite import QuantizeInputError, load_float_graph
+from pgexport.quantize.static_streamed import WEIGHT_QRANGE, quantize_static_int8_streamed
 
 GRAPH_OPTIMIZATION_LEVEL = "ENABLE_BASIC"
-EXTERNAL_DATA_THRESHOLD = 3 << 29  # 1.5 GiB of tensors: weights go to dst.name + ".data" (as int8.py)
 COMPUTE_OPS = ("MatMul", "Gemm", "Conv")  # the ops whose int8 form does the work; the rest only carry int8
 STREAMED_THRESHOLD = 2 << 30  # bytes of weights above which the graph takes the streamed path
-# neural-compressor's quantize_range for int8 symmetric weights: scale = 2 * max|w| / 128, values in
-# [-64, 64], so that no x86 int8 kernel saturates (module docstring). Its full range is 254.
-WEIGHT_QRANGE = 128
-ACTIVATION_QRANGE = 255  # uint8 asymmetric activations: the full 8 bits
 
 
 def quantize_static_int8(
@@ -94,6 +89,7 @@ def quantize_static_int8(
     exclude_nodes: Sequence[str] = (),
     progress: bool = True,
     streamed: bool | None = None,
+    chunk_bytes: int = CHUNK_BYTES,
 ) -> dict:
     """Calibrate `src` on `feeds` and write its int8 QDQ graph at `dst` (see the module docstring).
 
@@ -103,16 +99,17 @@ def quantize_static_int8(
     Raises QuantizeInputError (BadInputError) for a missing, non-ONNX or already quantized src, no
     feeds, feeds that do not match the graph's inputs, or an excluded name the graph lacks.
     streamed: None picks by size (over 2 GiB of weights), True/False force the streamed path or
-    neural-compressor's own.
+    neural-compressor's own. chunk_bytes: how much of a weight the streamed path reads at a time
+    (the output does not depend on it).
     """
     started = time.perf_counter()
     src, dst = Path(src), Path(dst)
     graph = check_source(src, feeds, exclude_nodes)
     if streamed is None:
-        streamed = _graph_bytes(src) > STREAMED_THRESHOLD
+        streamed = graph_bytes(src) > STREAMED_THRESHOLD
     with neural_compressor_session(dst.parent, progress) as workspace:
         if streamed:
-            quantize_static_int8_streamed(src, dst, graph, feeds, exclude_nodes, workspace)
+            quantize_static_int8_streamed(src, dst, graph, feeds, exclude_nodes, workspace, chunk_bytes)
             return _info(src, dst, feeds, exclude_nodes, True, started) | {"streamed": True}
         from neural_compressor import quantization
 
@@ -130,8 +127,8 @@ def _info(src: Path, dst: Path, feeds, exclude_nodes, external: bool, started: f
         **describe(dst),
         "excluded": list(exclude_nodes),
         "calibration_feeds": len(feeds),
-        "bytes_before": _graph_bytes(src),
-        "bytes_after": _graph_bytes(dst),
+        "bytes_before": graph_bytes(src),
+        "bytes_after": graph_bytes(dst),
         "external_data": dst.name + ".data" if external else None,
         "seconds": round(time.perf_counter() - started, 3),
     }
@@ -143,10 +140,7 @@ def _info(src: Path, dst: Path, feeds, exclude_nodes, external: bool, started: f
 
 def check_source(src: Path, feeds: list[dict], exclude_nodes: Sequence[str] = ()) -> onnx.ModelProto:
     """The graph (without its weights) after checking src, the feeds and the excluded names."""
-    model = _load(src)  # the graph without its weights; QuantizeInputError for a missing or non-ONNX file
-    found = sorted({n.op_type for n in model.graph.node if n.op_type in QUANTIZED_OPS or n.op_type.startswith("QLinear")})
-    if found:
-        raise QuantizeInputError(f"{src}: already quantized (contains {', '.join(found)})")
+    model = load_float_graph(src)  # without its weights; QuantizeInputError for a missing, non-ONNX or quantized file
     if not feeds:
         raise QuantizeInputError(f"{src}: no calibration feeds")
     inputs = {i.name for i in model.graph.input}
@@ -184,7 +178,7 @@ def without_overridable_initializers(src: Path, graph: onnx.ModelProto, workspac
     remove_init_from_model_input) and onnxruntime then folds the default in as a constant. So the
     default is taken out, making it a plain input that calibration feeds, and put back in the
     output by `restore_defaults`. The rewritten graph goes into the workspace, beside links to
-    src's external data files (_link_data_files)."""
+    src's external data files (pgexport.graphio.read.link_data_files)."""
     from onnx import numpy_helper
 
     inputs = {i.name for i in graph.graph.input}
@@ -197,7 +191,7 @@ def without_overridable_initializers(src: Path, graph: onnx.ModelProto, workspac
         graph.graph.initializer.remove(tensor)
     folder = workspace / "source"
     folder.mkdir()
-    _link_data_files(src, graph, folder)
+    link_data_files(src, graph, folder)
     onnx.save(graph, str(folder / src.name))
     return folder / src.name, defaults
 
@@ -326,176 +320,3 @@ def describe(path: Path) -> dict:
         "fp32_nodes": [n.name for n, q in zip(compute, quantized) if not q],  # neural-compressor renames only quantized nodes (+"_quant")
         "op_types": dict(Counter(n.op_type for n in model.graph.node).most_common()),
     }
-
-
-# ---------------------------------------------------------------------------------------------
-# the streamed path, for graphs too large for neural-compressor's whole-model passes
-
-
-def quantize_static_int8_streamed(src: Path, dst: Path, graph: onnx.ModelProto, feeds: list[dict], exclude_nodes, workspace: Path) -> None:
-    """The same QDQ form as neural-compressor's, on MatMuls with a constant 2-D weight, in bounded
-    memory: calibration is one onnxruntime session on src (its weights mapped once, the graph's
-    MatMul inputs added as outputs; min/max kept per tensor), and the output is written one tensor
-    at a time from src's data files, each weight quantized in row chunks. Scales, zero points and
-    int8 values come from neural-compressor's own functions (ox_utils/util.py: calculate_scale_zp,
-    quantize_data_with_scale_zero): activations uint8 asymmetric per tensor, weights int8 symmetric
-    per output column on 7 bits (ACTIVATION_QRANGE, WEIGHT_QRANGE: the ranges neural-compressor is
-    given). Conv and Gemm stay fp32 here; so does everything neural-compressor leaves."""
-    import onnxruntime as ort
-    from neural_compressor.adaptor.ox_utils.util import calculate_scale_zp
-    from onnx import TensorProto, helper
-
-    initializers = {t.name: t for t in graph.graph.initializer}
-    targets = [
-        n for n in graph.graph.node
-        if n.op_type == "MatMul" and n.name not in set(exclude_nodes) and n.input[0] not in initializers
-        and n.input[1] in initializers and len(initializers[n.input[1]].dims) == 2
-        and initializers[n.input[1]].data_type == TensorProto.FLOAT
-    ]
-    activations = sorted({n.input[0] for n in targets})
-
-    # Calibration: every activation a target MatMul reads, as an extra graph output.
-    augmented = onnx.ModelProto.FromString(graph.SerializeToString())
-    present = {o.name for o in augmented.graph.output}
-    augmented.graph.output.extend(helper.ValueInfoProto(name=a) for a in activations if a not in present)
-    calibration = workspace / "calibration"
-    calibration.mkdir()
-    _link_data_files(src, graph, calibration)
-    onnx.save(augmented, str(calibration / src.name))
-    del augmented
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # as neural-compressor calibrates
-    session = ort.InferenceSession(str(calibration / src.name), options, providers=["CPUExecutionProvider"])
-    ranges = {a: [0.0, 0.0] for a in activations}  # min(.., 0), max(.., 0): zero stays exact
-    for feed in feeds:
-        for name, value in zip(activations, session.run(activations, feed)):
-            if value.size:
-                ranges[name] = [min(ranges[name][0], float(value.min())), max(ranges[name][1], float(value.max()))]
-    del session
-
-    # The QDQ graph: one Quantize/Dequantize pair per activation, one DequantizeLinear per weight.
-    new_initializers, weights = [], {}
-    for name in activations:
-        scale, zero_point = calculate_scale_zp(ranges[name][0], ranges[name][1], ACTIVATION_QRANGE, TensorProto.UINT8, "asym")
-        new_initializers += [
-            helper.make_tensor(f"{name}_scale", TensorProto.FLOAT, [], [float(scale)]),
-            helper.make_tensor(f"{name}_zero_point", TensorProto.UINT8, [], [int(zero_point)]),
-        ]
-    quantize_nodes = {
-        name: [
-            helper.make_node("QuantizeLinear", [name, f"{name}_scale", f"{name}_zero_point"], [f"{name}_quantized"], name=f"{name}_QuantizeLinear"),
-            helper.make_node("DequantizeLinear", [f"{name}_quantized", f"{name}_scale", f"{name}_zero_point"], [f"{name}_dequantized"], name=f"{name}_DequantizeLinear"),
-        ]
-        for name in activations
-    }
-    for node in targets:
-        weight = node.input[1]
-        if weight not in weights:
-            weights[weight] = f"{weight}_quantized"
-            quantize_nodes.setdefault(weight, []).append(
-                helper.make_node(
-                    "DequantizeLinear", [f"{weight}_quantized", f"{weight}_scale", f"{weight}_zero_point"],
-                    [f"{weight}_dequantized"], name=f"{weight}_DequantizeLinear", axis=1,  # per output column
-                )
-            )
-    rewritten, placed, target_ids = [], set(), {id(n) for n in targets}
-    for node in graph.graph.node:
-        if id(node) in target_ids:
-            for tensor in (node.input[0], node.input[1]):
-                if tensor not in placed:
-                    rewritten += quantize_nodes[tensor]
-                    placed.add(tensor)
-            node.input[0], node.input[1] = f"{node.input[0]}_dequantized", f"{node.input[1]}_dequantized"
-            node.name = f"{node.name}_quant"
-        rewritten.append(node)
-    graph.graph.ClearField("node")
-    graph.graph.node.extend(rewritten)
-    _write_streamed(src, dst, graph, weights, new_initializers, workspace)
-
-
-def _write_streamed(src: Path, dst: Path, graph: onnx.ModelProto, weights: dict, extra: list, workspace: Path) -> None:
-    """Write `graph` at dst with every initializer's data in dst.name + ".data", read from src's
-    files one tensor (weights: row chunks) at a time; the fp32 weights named in `weights` become
-    int8 in [-64, 64] (+ scale and zero point per column), as neural-compressor quantizes a MatMul
-    weight."""
-    from neural_compressor.adaptor.ox_utils.util import calculate_scale_zp, quantize_data_with_scale_zero
-    from onnx import TensorProto, numpy_helper
-
-    data_name = dst.name + ".data"
-    staged = Path(tempfile.mkdtemp(prefix="streamed.", dir=workspace))
-    sources = {t.name: t for t in graph.graph.initializer}
-    graph.graph.ClearField("initializer")
-    with open(staged / data_name, "wb") as out:
-
-        def put(name: str, data_type: int, dims, chunks) -> None:
-            offset = out.tell()
-            for chunk in chunks:
-                out.write(np.ascontiguousarray(chunk).tobytes())
-            tensor = TensorProto(name=name, data_type=data_type, dims=list(dims))
-            tensor.data_location = TensorProto.EXTERNAL
-            for key, value in (("location", data_name), ("offset", str(offset)), ("length", str(out.tell() - offset))):
-                tensor.external_data.add(key=key, value=value)
-            graph.graph.initializer.append(tensor)
-            out.seek(-(out.tell() % 64) % 64 + out.tell())  # 64-byte alignment for the next tensor
-
-        for name, tensor in sources.items():
-            if name in weights:
-                rows, columns = tensor.dims
-                low, high = np.zeros(columns, np.float32), np.zeros(columns, np.float32)
-                for chunk in _rows(tensor, src.parent):
-                    low, high = np.minimum(low, chunk.min(0)), np.maximum(high, chunk.max(0))
-                scale, zero_point = calculate_scale_zp(low, high, WEIGHT_QRANGE, TensorProto.INT8, "sym")  # per column, 7 bits
-                graph.graph.initializer.extend([
-                    numpy_helper.from_array(scale.astype(np.float32), f"{name}_scale"),
-                    numpy_helper.from_array(zero_point.astype(np.int8), f"{name}_zero_point"),
-                ])
-                chunks = (quantize_data_with_scale_zero(c, TensorProto.INT8, "sym", scale, zero_point) for c in _rows(tensor, src.parent))
-                put(weights[name], TensorProto.INT8, (rows, columns), chunks)
-            elif tensor.data_location == TensorProto.EXTERNAL:
-                put(name, tensor.data_type, tensor.dims, _raw_chunks(tensor, src.parent))
-            else:
-                graph.graph.initializer.append(tensor)
-        out.flush()
-        os.fsync(out.fileno())
-    graph.graph.initializer.extend(extra)
-    onnx.save(graph, str(staged / dst.name))
-    os.replace(staged / data_name, dst.parent / data_name)
-    os.replace(staged / dst.name, dst)
-    shutil.rmtree(staged, ignore_errors=True)
-
-
-CHUNK_BYTES = 64 << 20
-
-
-def _external(tensor, base: Path) -> tuple[Path, int, int]:
-    info = {e.key: e.value for e in tensor.external_data}
-    return base / info["location"], int(info.get("offset", 0)), int(info["length"])
-
-
-def _raw_chunks(tensor, base: Path):
-    path, offset, length = _external(tensor, base)
-    with open(path, "rb") as f:
-        f.seek(offset)
-        while length > 0:
-            chunk = f.read(min(CHUNK_BYTES, length))
-            length -= len(chunk)
-            yield np.frombuffer(chunk, dtype=np.uint8)
-
-
-def _rows(tensor, base: Path):
-    """A 2-D float32 initializer in row chunks of about CHUNK_BYTES, inline or external."""
-    from onnx import numpy_helper
-
-    rows, columns = tensor.dims
-    step = max(1, CHUNK_BYTES // (4 * columns))
-    if tensor.data_location != onnx.TensorProto.EXTERNAL:
-        array = numpy_helper.to_array(tensor)
-        for start in range(0, rows, step):
-            yield array[start : start + step]
-        return
-    path, offset, _ = _external(tensor, base)
-    with open(path, "rb") as f:
-        for start in range(0, rows, step):
-            count = min(step, rows - start)
-            f.seek(offset + 4 * columns * start)
-            yield np.frombuffer(f.read(4 * columns * count), dtype="<f4").reshape(count, columns)

@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Callable
 
 from pgexport.errors import BadInputError, GateFailedError, UnsupportedError
+from pgexport.graphio.read import graph_bytes
 from pgexport.quantize import static
-from pgexport.quantize.int8 import _graph_bytes
 from pgexport.quantize.static import (
     CalibrationLoader,
     check_source,
@@ -63,7 +63,7 @@ def tune_static_int8(
     if max_trials < 1:
         raise BadInputError(f"max_trials must be at least 1, got {max_trials}")
     graph = check_source(src, feeds)
-    if _graph_bytes(src) > static.STREAMED_THRESHOLD:
+    if graph_bytes(src) > static.STREAMED_THRESHOLD:
         raise UnsupportedError(f"{src.name}: accuracy-aware tuning runs neural-compressor's whole-graph loop, which "
                                "cannot hold a graph over 2 GiB (the 3B decoder); quantize it without "
                                "--accuracy-target (the streamed path) or tune the smaller graphs only")
