@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
-from pgexport.bench import Clock, Settings, TorchRunner, make_inputs, resolve_target
+from pgexport.bench import Clock, TorchRunner, make_inputs, resolve_target
+from pgexport.config import BenchConfig
 
 
 def plain_generate_seconds(runner: TorchRunner, inputs: dict, new_tokens: int, clock: Clock) -> float:
@@ -34,8 +34,8 @@ def main():
     args = parser.parse_args()
     target = resolve_target(args.checkpoint)
     dtype = "bf16" if args.device == "cuda" else "fp32"
-    settings = Settings(device=args.device, dtypes=None, batches=(args.batch,), resolutions=None, prompt_tokens=10,
-                        new_tokens=args.new_tokens, warmup=2, runs=args.runs, threads=None)
+    settings = BenchConfig(device=args.device, dtypes=None, batches=(args.batch,), resolutions=None, prompt_tokens=10,
+                           new_tokens=args.new_tokens, warmup=2, runs=args.runs, threads=None)
     inputs = make_inputs(target.config, args.batch, 10, target.native_resolution)
     clock = Clock(args.device)
     print("| path | stamped per token s (bench) | plain generate per token s | stamped / plain |")

@@ -24,6 +24,9 @@ DTYPE_SUFFIX = {"fp32": "", "fp16": "_fp16", "int8": "_int8", "int8-static": "_i
 PAST, PRESENT = "past_key_values", "present"  # cache tensors: {PAST}.{layer}.key / .value
 KV_KINDS = ("key", "value")
 LOGITS_TO_KEEP = "logits_to_keep"
+# The tensors code feeds or reads by name (the processor's keys for the first three are the same).
+PIXEL_VALUES, INPUT_IDS, ATTENTION_MASK = "pixel_values", "input_ids", "attention_mask"
+IMAGE_FEATURES, INPUTS_EMBEDS, POSITION_IDS, LOGITS = "image_features", "inputs_embeds", "position_ids", "logits"
 # The dims that vary between calls (the exported graphs' dynamic axes); every other named dim is
 # fixed by the model's config (hidden_size, vocab_size, image_tokens, the image's height and width).
 DYNAMIC_DIMS = ("batch_size", "sequence_length", "total_sequence_length", "past_sequence_length", "logits_length")
@@ -75,22 +78,22 @@ def kv_names(prefix: str, layers: int) -> list[str]:
 
 VISION = GraphSpec(
     "vision_encoder", "vision",
-    inputs=(Tensor("pixel_values", ("batch_size", 3, "height", "width"), doc="SigLIP-normalized RGB"),),
-    outputs=(Tensor("image_features", ("batch_size", "image_tokens", "hidden_size"), doc="projected, unscaled"),),
+    inputs=(Tensor(PIXEL_VALUES, ("batch_size", 3, "height", "width"), doc="SigLIP-normalized RGB"),),
+    outputs=(Tensor(IMAGE_FEATURES, ("batch_size", "image_tokens", "hidden_size"), doc="projected, unscaled"),),
 )
 EMBED = GraphSpec(
     "embed_tokens", "embed",
-    inputs=(Tensor("input_ids", ("batch_size", "sequence_length"), "int64"),),
-    outputs=(Tensor("inputs_embeds", ("batch_size", "sequence_length", "hidden_size"), doc="scaled by sqrt(hidden)"),),
+    inputs=(Tensor(INPUT_IDS, ("batch_size", "sequence_length"), "int64"),),
+    outputs=(Tensor(INPUTS_EMBEDS, ("batch_size", "sequence_length", "hidden_size"), doc="scaled by sqrt(hidden)"),),
 )
 DECODER = GraphSpec(
     "decoder_model_merged", "decoder",
     inputs=(
-        Tensor("inputs_embeds", ("batch_size", "sequence_length", "hidden_size")),
-        Tensor("attention_mask", ("batch_size", "total_sequence_length"), "int64"),
-        Tensor("position_ids", ("batch_size", "sequence_length"), "int64", doc="1-based"),
+        Tensor(INPUTS_EMBEDS, ("batch_size", "sequence_length", "hidden_size")),
+        Tensor(ATTENTION_MASK, ("batch_size", "total_sequence_length"), "int64"),
+        Tensor(POSITION_IDS, ("batch_size", "sequence_length"), "int64", doc="1-based"),
     ),
-    outputs=(Tensor("logits", ("batch_size", "logits_length", "vocab_size"), doc="sequence_length, or logits_to_keep"),),
+    outputs=(Tensor(LOGITS, ("batch_size", "logits_length", "vocab_size"), doc="sequence_length, or logits_to_keep"),),
     cache=True,
     optional_inputs=(Tensor(LOGITS_TO_KEEP, (), "int64", doc="0: every position"),),
 )
@@ -105,6 +108,11 @@ def graph_path(folder: str | Path, graph: str, precision: str = "fp32") -> Path:
 
 
 # ---- Core ML packages: one-image, stateful decoder (pgexport.coreml) ----
+# The decoder's varying dims, each from 1 up to the size of another dim: query length and cache end
+# up to the cache's max_context, image rows up to image_tokens (prefill; decoding passes one row).
+# Every other named dim is fixed by the model and the conversion's options.
+COREML_RANGE_DIMS = {"query_length": "max_context", "cache_end": "max_context", "image_rows": "image_tokens"}
+
 
 @dataclass(frozen=True)
 class PackageSpec:
@@ -126,29 +134,31 @@ class PackageSpec:
         return entry
 
 
+IMAGE = "image"  # the Core ML vision encoder's input: a camera frame (ImageType), not pixel values
+KEY_CACHE, VALUE_CACHE = "key_cache", "value_cache"  # the Core ML decoder's states: every layer's cache
 COREML_VISION = PackageSpec(
     "vision_encoder",
     "PaliGemma image encoder (SigLIP + projector): camera frame -> features for the <image> slots.",
-    inputs=(Tensor("image", (1, 3, "image_size", "image_size"), "image",
+    inputs=(Tensor(IMAGE, (1, 3, "image_size", "image_size"), "image",
                    doc="RGB frame resized to the model's square size; SigLIP normalisation is applied inside."),),
-    outputs=(Tensor("image_features", (1, "image_tokens", "hidden_size"), "float16",
+    outputs=(Tensor(IMAGE_FEATURES, (1, "image_tokens", "hidden_size"), "float16",
                     doc="[1, image tokens, hidden]: pass to the decoder at prefill (unscaled, in order)."),),
 )
 COREML_DECODER = PackageSpec(
     "decoder",
     "PaliGemma decoder (Gemma) with its KV cache as Core ML state: prefill and decode in one function.",
     inputs=(
-        Tensor("input_ids", (1, "query"), "int32",
+        Tensor(INPUT_IDS, (1, "query_length"), "int32",
                doc="[1, q] int32 token ids of this call (the prompt at prefill, the last token when decoding)."),
-        Tensor("image_features", (1, "image_tokens", "hidden_size"), "float16",
+        Tensor(IMAGE_FEATURES, (1, "image_rows", "hidden_size"), "float16",
                doc="[1, n, hidden] the vision encoder's output at prefill; any one row when decoding."),
-        Tensor("attention_mask", (1, 1, "query", "end"), "float16",
+        Tensor(ATTENTION_MASK, (1, 1, "query_length", "cache_end"), "float16",
                doc="[1, 1, q, end] additive: 0 attend, -1e4 blocked; end = tokens in the cache after this call."),
     ),
-    outputs=(Tensor("logits", (1, 1, "vocab_size"), "float16", doc="[1, 1, vocab] next-token logits of the last query position."),),
+    outputs=(Tensor(LOGITS, (1, 1, "vocab_size"), "float16", doc="[1, 1, vocab] next-token logits of the last query position."),),
     states=(
-        Tensor("key_cache", ("layers", 1, "kv_heads", "max_context", "head_dim"), "float16"),
-        Tensor("value_cache", ("layers", 1, "kv_heads", "max_context", "head_dim"), "float16"),
+        Tensor(KEY_CACHE, ("layers", 1, "kv_heads", "max_context", "head_dim"), "float16"),
+        Tensor(VALUE_CACHE, ("layers", 1, "kv_heads", "max_context", "head_dim"), "float16"),
     ),
 )
 PACKAGES = (COREML_VISION, COREML_DECODER)

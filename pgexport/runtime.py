@@ -8,19 +8,32 @@ import logging
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
+from pgexport.contract import (
+    ATTENTION_MASK,
+    DECODER,
+    DTYPE_SUFFIX,
+    EMBED,
+    GRAPH_NAMES,
+    INPUT_IDS,
+    INPUTS_EMBEDS,
+    LOGITS_TO_KEEP,
+    PAST,
+    PIXEL_VALUES,
+    POSITION_IDS,
+    VISION,
+    graph_path,
+)
 from pgexport.errors import BadInputError, UnsupportedError
-from pgexport.manifest import read_manifest, require_files
+from pgexport.manifest import MANIFEST, read_manifest, require_files
 
 log = logging.getLogger(__name__)
 
-GRAPHS = ("vision_encoder", "embed_tokens", "decoder_model_merged")
-# transformers.js file-name suffix of each precision (see paligemma-facts.md).
-DTYPE_SUFFIX = {"fp32": "", "fp16": "_fp16", "int8": "_int8", "int8-static": "_int8_static", "q4": "_q4"}
 _ORT_FLOAT = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 # Decoded pixels an image may have, read from its header before decoding: a 12000 x 12000 PNG is a
 # 17 KB file that decodes to 432 MB of RGB and more in the processor. (PIL's own bomb limit is 89M.)
@@ -28,6 +41,11 @@ MAX_IMAGE_PIXELS = 64_000_000
 # Modes PIL gives 16-bit gray (a 16-bit PNG is "I;16"; older PIL and some TIFFs give "I"):
 # `convert("RGB")` clips them at 255, which makes nearly every pixel white.
 _GRAY16_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+# Events of `OnnxPaliGemma.generate_ids`'s step hook, in the order they come.
+STEP_START, STEP_VISION, STEP_TOKEN = "start", "vision", "token"
+StepHook = Callable[[str], None]
 
 
 @dataclass
@@ -74,10 +92,6 @@ def open_image(path: str | Path) -> Image.Image:
         raise BadInputError(f"cannot read image {path}: {error}") from error
 
 
-def graph_path(folder: Path, graph: str, dtype: str) -> Path:
-    return Path(folder) / "onnx" / f"{graph}{DTYPE_SUFFIX[dtype]}.onnx"
-
-
 def left_pad_positions(attention_mask: np.ndarray) -> np.ndarray:
     """PaliGemma's 1-based positions: cumsum of the mask; pads get 1 (they are never attended)."""
     positions = np.cumsum(attention_mask, axis=-1)
@@ -91,13 +105,13 @@ def prepare_inputs(processor, images: list[Image.Image], prompts: list[str]) -> 
     # One "<image>" per prompt: the processor expands it to the image's tokens and adds bos and "\n".
     text = [processor.image_token + prompt for prompt in prompts]
     inputs = processor(images=images, text=text, return_tensors="np", padding="longest")
-    return {key: inputs[key] for key in ("input_ids", "attention_mask", "pixel_values")}
+    return {key: inputs[key] for key in (INPUT_IDS, ATTENTION_MASK, PIXEL_VALUES)}
 
 
 def check_graph_files(folder: Path, manifest: dict, graph_files: list[Path], sha256: bool = False) -> None:
     """Each graph file, and its external data (`<graph>.onnx.data`, any `<graph>.onnx*`), against
     manifest.json's "files": listed, present, the same size, and with `sha256` the same hash.
-    A manifest without "files" (the provisional one an export runs its gate on) is not checked."""
+    A manifest without "files" is not checked."""
     files = manifest.get("files")
     if files is None:
         return
@@ -114,12 +128,14 @@ class OnnxPaliGemma:
 
     `dtype` picks the variant: a name the manifest maps per graph (its "variants", e.g. "q4" ->
     int8 vision, q4 decoder and table), a precision for every graph ("fp32", "int8", ...), or such
-    a map itself ({"decoder_model_merged": "q4", ...}, transformers.js's per-graph dtype). A name
+    a map itself (graph name -> precision, transformers.js's per-graph dtype). A name
     must be one of the manifest's "dtypes"; a graph with no file of its precision (the embedding
     table of an --int8 artifact, say) then runs in fp32. A map's files must all be there.
 
     Before any session is created, each graph file to load (and its external data) is checked
     against manifest.json: its size always, its sha256 too with `check` (reads every byte).
+    A folder without manifest.json (an export's staging folder, before its manifest is written:
+    calibration and fp16 conversion run its graphs) opens in fp32 only, with no file check.
 
     `prefill_rows` > 0 runs the prompt through the decoder that many rows at a time (the KV
     caches are joined along the batch): the same outputs, with the prefill's activations held for
@@ -134,9 +150,7 @@ class OnnxPaliGemma:
         if prefill_rows < 0:
             raise BadInputError(f"prefill_rows {prefill_rows}: give 0 (the whole batch) or a positive row count")
         self.prefill_rows = prefill_rows
-        if not (self.folder / "manifest.json").is_file():
-            raise BadInputError(f"{folder}: not a pgexport ONNX artifact (no manifest.json)")
-        self.manifest = read_manifest(self.folder)
+        self.manifest = self._read_manifest(dtype)
         kind = self.manifest.get("format", "pgexport-onnx/1")
         if kind.startswith("pgexport-coreml/"):
             # Exit 7, not 4: the folder is a sound artifact; what pgexport cannot do is run Core ML
@@ -163,10 +177,20 @@ class OnnxPaliGemma:
         options.log_severity_level = 3
         providers = providers or ["CPUExecutionProvider"]
         self.sessions = {graph: ort.InferenceSession(str(path), options, providers=providers) for graph, path in paths.items()}
-        decoder = self.sessions["decoder_model_merged"]
-        self.past_inputs = [i for i in decoder.get_inputs() if i.name.startswith("past_key_values.")]
+        decoder = self.sessions[DECODER.name]
+        self.past_inputs = [i for i in decoder.get_inputs() if i.name.startswith(f"{PAST}.")]
         self.float_type = _ORT_FLOAT[decoder.get_inputs()[0].type]  # the decoder's: embeddings and KV cache
-        self.pixel_type = _ORT_FLOAT[self.sessions["vision_encoder"].get_inputs()[0].type]
+        self.pixel_type = _ORT_FLOAT[self.sessions[VISION.name].get_inputs()[0].type]
+
+    def _read_manifest(self, dtype: str | dict | None) -> dict:
+        """manifest.json, or {} for a folder of fp32 graphs without one (only `dtype` fp32 then)."""
+        if (self.folder / MANIFEST).is_file():
+            return read_manifest(self.folder)
+        if not (self.folder / "onnx").is_dir():
+            raise BadInputError(f"{self.folder}: not a pgexport ONNX artifact (no {MANIFEST})")
+        if dtype not in (None, "fp32"):
+            raise BadInputError(f"{self.folder} has no {MANIFEST}: only its fp32 graphs can run, not {dtype!r}")
+        return {}
 
     def _graph_files(self, dtype: str | dict | None) -> tuple[str, dict[str, str], dict[str, Path]]:
         """(dtype's name, graph -> precision, graph -> file) for what `dtype` loads."""
@@ -179,12 +203,12 @@ class OnnxPaliGemma:
         elif dtype in variants:
             name, graph_dtypes = dtype, dict(variants[dtype])
         else:
-            name, graph_dtypes = dtype, {graph: dtype for graph in GRAPHS}
+            name, graph_dtypes = dtype, {graph: dtype for graph in GRAPH_NAMES}
         for graph, precision in graph_dtypes.items():
-            if precision not in DTYPE_SUFFIX or graph not in GRAPHS:
+            if precision not in DTYPE_SUFFIX or graph not in GRAPH_NAMES:
                 raise BadInputError(f"unknown dtype {precision!r} for {graph}: choose from {', '.join(DTYPE_SUFFIX)}")
         precisions, paths = {}, {}
-        for graph in GRAPHS:
+        for graph in GRAPH_NAMES:
             precision = graph_dtypes.get(graph, "fp32")
             path = graph_path(self.folder, graph, precision)
             if not path.is_file() and name != "custom":
@@ -197,17 +221,23 @@ class OnnxPaliGemma:
     def preprocess(self, images: list[Image.Image], prompts: list[str]) -> dict[str, np.ndarray]:
         return prepare_inputs(self.processor, images, prompts)
 
-    def prefill_embeds(self, input_ids: np.ndarray, pixel_values: np.ndarray) -> np.ndarray:
-        """Token embeddings with the image features written into the `<image>` slots."""
-        features = self.sessions["vision_encoder"].run(None, {"pixel_values": pixel_values.astype(self.pixel_type)})[0]
+    def prefill_embeds(self, input_ids: np.ndarray, pixel_values: np.ndarray, on_step: StepHook | None = None) -> np.ndarray:
+        """Token embeddings with the image features written into the `<image>` slots. `on_step`
+        (see `generate_ids`) hears STEP_START before the vision encoder and STEP_VISION after it."""
+        if on_step:
+            on_step(STEP_START)
+        features = self.sessions[VISION.name].run(None, {PIXEL_VALUES: pixel_values.astype(self.pixel_type)})[0]
+        if on_step:
+            on_step(STEP_VISION)
         slots = input_ids == self.image_token_id
-        embeds = self.sessions["embed_tokens"].run(None, {"input_ids": np.where(slots, 0, input_ids)})[0]
+        embeds = self.sessions[EMBED.name].run(None, {INPUT_IDS: np.where(slots, 0, input_ids)})[0]
         if slots.sum() != features.shape[0] * features.shape[1]:
             raise BadInputError(f"{slots.sum()} <image> tokens for {features.shape[0]} x {features.shape[1]} image features")
         embeds[slots] = features.reshape(-1, features.shape[-1]).astype(embeds.dtype)
         return embeds
 
-    def prefill_feed(self, input_ids: np.ndarray, attention_mask: np.ndarray, pixel_values: np.ndarray) -> dict:
+    def prefill_feed(self, input_ids: np.ndarray, attention_mask: np.ndarray, pixel_values: np.ndarray,
+                     on_step: StepHook | None = None) -> dict:
         """The decoder's inputs for the prompt: embeddings with image features, mask, 1-based
         positions and an empty past."""
         mask = attention_mask.astype(np.int64)
@@ -215,13 +245,13 @@ class OnnxPaliGemma:
             i.name: np.zeros((input_ids.shape[0], i.shape[1], 0, i.shape[3]), dtype=self.float_type)
             for i in self.past_inputs
         }
-        embeds = self.prefill_embeds(input_ids, pixel_values).astype(self.float_type)
-        return {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": left_pad_positions(mask), **past}
+        embeds = self.prefill_embeds(input_ids, pixel_values, on_step).astype(self.float_type)
+        return {INPUTS_EMBEDS: embeds, ATTENTION_MASK: mask, POSITION_IDS: left_pad_positions(mask), **past}
 
     def run_prefill(self, feed: dict) -> list[np.ndarray]:
         """The decoder on a prompt feed (empty past), `prefill_rows` rows per call."""
-        decoder = self.sessions["decoder_model_merged"]
-        batch = feed["inputs_embeds"].shape[0]
+        decoder = self.sessions[DECODER.name]
+        batch = feed[INPUTS_EMBEDS].shape[0]
         rows = self.prefill_rows or batch
         if rows >= batch:
             return decoder.run(None, feed)
@@ -252,10 +282,15 @@ class OnnxPaliGemma:
         stop_at_eos: bool = True,
         forced_tokens: np.ndarray | None = None,
         keep_logits: bool = False,
+        on_step: StepHook | None = None,
     ) -> tuple[np.ndarray, list[np.ndarray]]:
         """Greedy decoding. Returns new tokens [batch, steps] (pad after a row's eos) and, when
         `keep_logits`, the last-position logits of every step. `forced_tokens` [batch, steps] feeds
         given tokens instead of the argmax (to compare logits along a reference's path).
+
+        `on_step(event)` hears the loop's progress, so a caller can time it (pgexport.bench does):
+        STEP_START before the vision encoder, STEP_VISION once the image features are out, and
+        STEP_TOKEN each time a token is chosen, the prefill's first, then one per decode step.
 
         A prompt that fills the model's context (`self.context` positions) is refused before
         anything runs; `max_new_tokens` is capped to the positions the prompt leaves, with a
@@ -263,11 +298,11 @@ class OnnxPaliGemma:
         if forced_tokens is None:
             max_new_tokens = self.new_token_budget(input_ids.shape[1], max_new_tokens)
         batch = input_ids.shape[0]
-        decoder = self.sessions["decoder_model_merged"]
-        feed = self.prefill_feed(input_ids, attention_mask, pixel_values)
-        if any(i.name == "logits_to_keep" for i in decoder.get_overridable_initializers()):
-            feed["logits_to_keep"] = np.array(1, dtype=np.int64)  # the LM head on the last prompt position only
-        mask = feed["attention_mask"]
+        decoder = self.sessions[DECODER.name]
+        feed = self.prefill_feed(input_ids, attention_mask, pixel_values, on_step)
+        if any(i.name == LOGITS_TO_KEEP for i in decoder.get_overridable_initializers()):
+            feed[LOGITS_TO_KEEP] = np.array(1, dtype=np.int64)  # the LM head on the last prompt position only
+        mask = feed[ATTENTION_MASK]
         steps = forced_tokens.shape[1] if forced_tokens is not None else max_new_tokens
         tokens, all_logits = [], []
         finished = np.zeros(batch, dtype=bool)
@@ -277,18 +312,20 @@ class OnnxPaliGemma:
             if keep_logits:
                 all_logits.append(logits)
             chosen = forced_tokens[:, step] if forced_tokens is not None else logits.argmax(-1)
+            if on_step:
+                on_step(STEP_TOKEN)
             chosen = np.where(finished, self.pad_token_id, chosen)
             tokens.append(chosen)
             if stop_at_eos:
                 finished |= chosen == self.eos_token_id
-                if finished.all():
-                    break
+            if step == steps - 1 or finished.all():
+                break
             mask = np.concatenate([mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
-            embeds = self.sessions["embed_tokens"].run(None, {"input_ids": chosen[:, None].astype(np.int64)})[0]
+            embeds = self.sessions[EMBED.name].run(None, {INPUT_IDS: chosen[:, None].astype(np.int64)})[0]
             feed = {
-                "inputs_embeds": embeds.astype(self.float_type),
-                "attention_mask": mask,
-                "position_ids": mask.sum(-1, keepdims=True).astype(np.int64),
+                INPUTS_EMBEDS: embeds.astype(self.float_type),
+                ATTENTION_MASK: mask,
+                POSITION_IDS: mask.sum(-1, keepdims=True).astype(np.int64),
                 **{i.name: value for i, value in zip(self.past_inputs, outputs[1:])},
             }
         return np.stack(tokens, axis=1), all_logits

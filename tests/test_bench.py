@@ -1,7 +1,6 @@
 """`pgexport bench` on the demo artifact and the demo checkpoint at tiny settings: the report's
 shape and arithmetic, never its timings (the machine is shared; no threshold is asserted)."""
 
-import inspect
 import json
 import math
 
@@ -176,14 +175,6 @@ def test_an_unknown_baseline_is_refused_before_anything_runs(demo_artifact):
     assert result.exit_code == 4 and "baseline 'no-such-target'" in result.output
 
 
-def test_cli_mirrors_the_api():
-    """Every option of `pgexport bench` is a keyword of `bench` with the same name, and back."""
-    command = main.commands["bench"]
-    cli_names = {param.name for param in command.params}
-    api_names = set(inspect.signature(bench).parameters) - {"progress"}
-    assert cli_names == api_names
-
-
 @pytest.mark.parametrize("level, arithmetic", [(4, "int8"), (0, "fp32")])
 def test_q4_arithmetic_follows_accuracy_level(tmp_path, level, arithmetic):
     """MatMulNBits at accuracy_level 4 quantizes its activations (int8 arithmetic, int8 peak);
@@ -201,6 +192,26 @@ def test_q4_arithmetic_follows_accuracy_level(tmp_path, level, arithmetic):
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])], [weights, scales])
     save(helper.make_model(graph), str(tmp_path / "g.onnx"))
     assert graph_weight_stats(tmp_path / "g.onnx") == (8 * 16 + 8 * 4, 8, arithmetic)
+
+
+def test_bench_times_the_runtime_loop_through_its_step_hook(demo_artifact):
+    """The hook hears vision start and end, then one token per step; with or without it, the
+    loop gives the same tokens; bench's Timing reads those stamps."""
+    from pgexport.bench import Clock, OnnxRunner, make_inputs, resolve_target
+    from pgexport.config import BenchConfig
+    from pgexport.runtime import STEP_START, STEP_TOKEN, STEP_VISION
+
+    target = resolve_target(demo_artifact)
+    runner = OnnxRunner(target, "fp32", BenchConfig(batches=(2,)))
+    inputs = make_inputs(target.config, 2, 5, target.native_resolution)
+    events = []
+    hooked, _ = runner.model.generate_ids(**inputs, max_new_tokens=5, stop_at_eos=False, on_step=events.append)
+    assert events == [STEP_START, STEP_VISION] + [STEP_TOKEN] * 5
+    plain, _ = runner.model.generate_ids(**inputs, max_new_tokens=5, stop_at_eos=False)
+    assert np.array_equal(hooked, plain) and hooked.shape == (2, 5)
+    timing = runner.run(inputs, 5, Clock("cpu"))
+    assert len(timing.steps) == 4 and min(timing.steps) > 0
+    assert 0 < timing.vision < timing.ttft and math.isclose(timing.ttft, timing.vision + timing.prefill)
 
 
 def test_prefill_in_row_chunks_gives_the_batched_outputs(demo_artifact):

@@ -124,6 +124,25 @@ def test_external_data_file_is_checked(demo, row, tmp_path):
     assert f"size differs: {DECODER}.data" in errors[0]
 
 
+def test_a_folder_without_manifest_opens_its_fp32_graphs(demo, demo_model, row, tmp_path):
+    """An export's staging folder before its manifest is written (what calibration and fp16 open):
+    the fp32 graphs run, unchecked, and answer as the artifact does; any other dtype is refused."""
+    artifact = copy_artifact(demo, tmp_path)
+    (artifact / "manifest.json").unlink()
+    for path in (artifact / "onnx").glob("*_int8.onnx*"):
+        path.unlink()
+    bare = OnnxPaliGemma(artifact)
+    assert bare.dtype == "fp32" and set(bare.graph_dtypes.values()) == {"fp32"}
+    inputs = demo_model.preprocess([open_image(row.image)], [row.prefix])
+    expected, _ = demo_model.generate_ids(**inputs, max_new_tokens=8, stop_at_eos=False)
+    assert np.array_equal(bare.generate_ids(**inputs, max_new_tokens=8, stop_at_eos=False)[0], expected)
+    with pytest.raises(BadInputError, match="only its fp32 graphs"):
+        OnnxPaliGemma(artifact, dtype="int8")
+    shutil.rmtree(artifact / "onnx")
+    with pytest.raises(BadInputError, match="not a pgexport ONNX artifact"):
+        OnnxPaliGemma(artifact, dtype="fp32")
+
+
 # 2. high bit depth images ------------------------------------------------------------------------
 
 def test_16_bit_and_float_images_match_their_8_bit_source(demo, demo_model, row, tmp_path):

@@ -1,6 +1,19 @@
-"""README.md written beside the packages: what each file is and a Swift loop that drives them."""
+"""README.md written beside the packages: what each file is and a Swift loop that drives them.
+Package, input, output and state names come from the contract (pgexport.contract)."""
 
 from __future__ import annotations
+
+from pgexport.contract import (
+    ATTENTION_MASK,
+    COREML_DECODER,
+    COREML_VISION,
+    IMAGE,
+    IMAGE_FEATURES,
+    INPUT_IDS,
+    KEY_CACHE,
+    LOGITS,
+    VALUE_CACHE,
+)
 
 TEMPLATE = """# PaliGemma for Core ML (pgexport {version})
 
@@ -9,8 +22,8 @@ Source: `{source}` (sha256 of weights `{sha256}`), {family}. Compression: `{comp
 
 | file | what |
 |---|---|
-| `vision_encoder.mlpackage` | `image` ({size}x{size} RGB image) -> `image_features` [1, {n_img}, hidden]{vision_size} |
-| `decoder.mlpackage` | `input_ids` [1, q] int32, `image_features` [1, n, hidden], `attention_mask` [1, 1, q, end] -> `logits` [1, 1, vocab]; states `key_cache`, `value_cache` {state}{decoder_size} |
+| `{vision_file}` | `{image}` ({size}x{size} RGB image) -> `{features}` [1, {n_img}, hidden]{vision_size} |
+| `{decoder_file}` | `{ids}` [1, q] int32, `{features}` [1, n, hidden], `{mask}` [1, 1, q, end] -> `{logits}` [1, 1, vocab]; states `{key_cache}`, `{value_cache}` {state}{decoder_size} |
 | `prompt_layout.json` | special ids, prompt layout, mask convention, cache size |
 | `tokenizer.json` ... | the tokenizer (Hugging Face `tokenizers` format; swift-transformers reads it) |
 | `manifest.json` | every file's sha256 and size, options, parity and spec checks |
@@ -26,14 +39,14 @@ import Vision  // VNImageCropAndScaleOption
 
 let config = MLModelConfiguration()
 config.computeUnits = .cpuAndGPU
-let vision = try MLModel(contentsOf: compiledURL("vision_encoder"), configuration: config)
-let decoder = try MLModel(contentsOf: compiledURL("decoder"), configuration: config)
+let vision = try MLModel(contentsOf: compiledURL("{vision}"), configuration: config)
+let decoder = try MLModel(contentsOf: compiledURL("{decoder}"), configuration: config)
 
 // 1. image -> features (Core ML resizes the frame to {size}x{size}; SigLIP normalisation is inside).
-let constraint = vision.modelDescription.inputDescriptionsByName["image"]!.imageConstraint!
+let constraint = vision.modelDescription.inputDescriptionsByName["{image}"]!.imageConstraint!
 let frame = try MLFeatureValue(cgImage: cgImage, constraint: constraint, options: [.cropAndScale: VNImageCropAndScaleOption.scaleFill.rawValue])
-let features = try vision.prediction(from: MLDictionaryFeatureProvider(dictionary: ["image": frame]))
-    .featureValue(for: "image_features")!.multiArrayValue!
+let features = try vision.prediction(from: MLDictionaryFeatureProvider(dictionary: ["{image}": frame]))
+    .featureValue(for: "{features}")!.multiArrayValue!
 
 // 2. prefill: the whole prompt at once; a zero mask = bidirectional prefix (PaliGemma's prefix-LM).
 let state = decoder.makeState()                      // the KV cache, updated in place by each call
@@ -45,8 +58,8 @@ func step(_ tokens: [Int32], _ image: MLMultiArray, end: Int) throws -> Int32 {{
     let mask = try MLMultiArray(shape: [1, 1, NSNumber(value: q), NSNumber(value: end)], dataType: .float16)
     memset(mask.dataPointer, 0, mask.count * 2)       // 0 = attend; -1e4 would block a key
     let out = try decoder.prediction(from: MLDictionaryFeatureProvider(dictionary: [
-        "input_ids": inputIds, "image_features": image, "attention_mask": mask]), using: state)
-    let logits = out.featureValue(for: "logits")!.multiArrayValue!
+        "{ids}": inputIds, "{features}": image, "{mask}": mask]), using: state)
+    let logits = out.featureValue(for: "{logits}")!.multiArrayValue!
     return Int32(argmax(logits))                     // greedy
 }}
 var end = ids.count
@@ -88,6 +101,10 @@ def render(layout: dict, fields: dict, packages: dict) -> str:
         state=layout["state_shape"],
         max_context=layout["max_context"],
         image_id=ids["image"], bos_id=ids["bos"], eos_id=ids["eos"], newline_id=ids["newline"],
-        vision_size=size("vision_encoder"),
-        decoder_size=size("decoder"),
+        vision_size=size(COREML_VISION.name),
+        decoder_size=size(COREML_DECODER.name),
+        vision=COREML_VISION.name, decoder=COREML_DECODER.name,
+        vision_file=COREML_VISION.filename, decoder_file=COREML_DECODER.filename,
+        image=IMAGE, features=IMAGE_FEATURES, ids=INPUT_IDS, mask=ATTENTION_MASK, logits=LOGITS,
+        key_cache=KEY_CACHE, value_cache=VALUE_CACHE,
     )

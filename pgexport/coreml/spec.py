@@ -1,4 +1,5 @@
-"""Checks on the saved packages that need no Core ML runtime (so they run on Linux): inputs,
+"""Checks on the saved packages against the contract (pgexport.contract: COREML_VISION,
+COREML_DECODER) that need no Core ML runtime, so they run on Linux: inputs,
 outputs, states, deployment target, and the ops that carry the design (state read / slice update /
 state write; the compression's constexpr ops)."""
 
@@ -7,13 +8,15 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
+from pgexport.contract import COREML_DECODER, COREML_RANGE_DIMS, COREML_VISION, IMAGE, Tensor
+
 # Core ML specification version of each deployment target (iOS18 and macOS15 are both 9).
 SPEC_VERSION = {"iOS17": 8, "iOS18": 9, "macOS15": 9}
 # The op a compressed weight decompresses through, per --compress (iOS18 opset).
 COMPRESSION_OPS = {"int8": "constexpr_blockwise_shift_scale", "int4": "constexpr_blockwise_shift_scale",
                    "palettize4": "constexpr_lut_to_dense"}
 STATEFUL_OPS = ("read_state", "slice_update", "write_state")
-_FLOAT16, _INT32 = 65552, 131104  # ArrayFeatureType.ArrayDataType values
+ARRAY_TYPES = {"float16": 65552, "int32": 131104}  # the contract's dtypes as ArrayFeatureType.ArrayDataType
 
 
 def program_ops(spec) -> Counter:
@@ -31,6 +34,27 @@ def _ranges(array) -> list[tuple[int, int]]:
     return [(b.lowerBound, b.upperBound) for b in bounds] if bounds else [(d, d) for d in array.shape]
 
 
+def dim_sizes(expected: dict) -> dict[str, int]:
+    """The size of each fixed named dim of the packages' tensors, from `expected` (the manifest's
+    spec_check.expected)."""
+    return {"image_size": expected["image_size"], "image_tokens": expected["num_image_tokens"],
+            "hidden_size": expected["hidden_size"], "vocab_size": expected["vocab_size"],
+            "max_context": expected["max_context"]}
+
+
+def tensor_ranges(tensor: Tensor, sizes: dict[str, int]) -> list[tuple[int, int]]:
+    """A contract tensor's (lowest, highest) size per axis: a range dim (COREML_RANGE_DIMS) from 1
+    to the size of its bound, any other from `sizes`."""
+    def bounds(dim):
+        if isinstance(dim, int):
+            return dim, dim
+        if dim in COREML_RANGE_DIMS:
+            return 1, sizes[COREML_RANGE_DIMS[dim]]
+        return sizes[dim], sizes[dim]
+
+    return [bounds(dim) for dim in tensor.dims]
+
+
 def load_spec(path: Path):
     import coremltools as ct
 
@@ -38,61 +62,62 @@ def load_spec(path: Path):
 
 
 def check_vision(spec, expected: dict) -> list[str]:
-    problems = []
+    problems, name = [], COREML_VISION.name
     inputs = {f.name: f for f in spec.description.input}
-    image = inputs.get("image")
+    image = inputs.get(IMAGE)
     if image is None or image.type.WhichOneof("Type") != "imageType":
-        problems.append("vision_encoder: input 'image' is not an ImageType")
+        problems.append(f"{name}: input {IMAGE!r} is not an ImageType")
     else:
         size = expected["image_size"]
         if (image.type.imageType.width, image.type.imageType.height) != (size, size):
-            problems.append(f"vision_encoder: image is {image.type.imageType.width}x{image.type.imageType.height}, expected {size}x{size}")
+            problems.append(f"{name}: {IMAGE} is {image.type.imageType.width}x{image.type.imageType.height}, expected {size}x{size}")
         if image.type.imageType.colorSpace != 20:  # RGB
-            problems.append("vision_encoder: image colour space is not RGB")
+            problems.append(f"{name}: {IMAGE} colour space is not RGB")
     outputs = {f.name: f for f in spec.description.output}
-    if "image_features" not in outputs:
-        problems.append("vision_encoder: no output 'image_features'")
-    elif list(_array(outputs["image_features"]).shape) not in ([], [1, expected["num_image_tokens"], expected["hidden_size"]]):
-        problems.append(f"vision_encoder: image_features shape {list(_array(outputs['image_features']).shape)}")
+    sizes = dim_sizes(expected)
+    for tensor in COREML_VISION.outputs:
+        if tensor.name not in outputs:
+            problems.append(f"{name}: no output {tensor.name!r}")
+            continue
+        shape = list(_array(outputs[tensor.name]).shape)
+        if shape not in ([], [high for _, high in tensor_ranges(tensor, sizes)]):
+            problems.append(f"{name}: {tensor.name} shape {shape}")
     return problems
 
 
 def check_decoder(spec, expected: dict) -> list[str]:
-    problems = []
-    context = expected["max_context"]
+    problems, name, sizes = [], COREML_DECODER.name, dim_sizes(expected)
     inputs = {f.name: f for f in spec.description.input}
-    want = {
-        "input_ids": (_INT32, [(1, 1), (1, context)]),
-        "image_features": (_FLOAT16, [(1, 1), (1, expected["num_image_tokens"]), (expected["hidden_size"],) * 2]),
-        "attention_mask": (_FLOAT16, [(1, 1), (1, 1), (1, context), (1, context)]),
-    }
-    for name, (dtype, ranges) in want.items():
-        if name not in inputs:
-            problems.append(f"decoder: no input {name!r}")
+    for tensor in COREML_DECODER.inputs:
+        if tensor.name not in inputs:
+            problems.append(f"{name}: no input {tensor.name!r}")
             continue
-        array = _array(inputs[name])
+        array, dtype, ranges = _array(inputs[tensor.name]), ARRAY_TYPES[tensor.dtype], tensor_ranges(tensor, sizes)
         if array.dataType != dtype:
-            problems.append(f"decoder: input {name} has data type {array.dataType}, expected {dtype}")
+            problems.append(f"{name}: input {tensor.name} has data type {array.dataType}, expected {dtype}")
         if _ranges(array) != ranges:
-            problems.append(f"decoder: input {name} shape ranges {_ranges(array)}, expected {ranges}")
+            problems.append(f"{name}: input {tensor.name} shape ranges {_ranges(array)}, expected {ranges}")
     outputs = {f.name: f for f in spec.description.output}
-    if "logits" not in outputs:
-        problems.append("decoder: no output 'logits'")
+    for tensor in COREML_DECODER.outputs:
+        if tensor.name not in outputs:
+            problems.append(f"{name}: no output {tensor.name!r}")
     states = {s.name: s for s in spec.description.state}
-    for name in ("key_cache", "value_cache"):
-        if name not in states:
-            problems.append(f"decoder: no state {name!r}")
+    for tensor in COREML_DECODER.states:
+        if tensor.name not in states:
+            problems.append(f"{name}: no state {tensor.name!r}")
             continue
-        array = states[name].type.stateType.arrayType
-        if list(array.shape) != list(expected["state_shape"]) or array.dataType != _FLOAT16:
-            problems.append(f"decoder: state {name} is {list(array.shape)} (type {array.dataType}), expected fp16 {expected['state_shape']}")
+        array = states[tensor.name].type.stateType.arrayType
+        if list(array.shape) != list(expected["state_shape"]) or array.dataType != ARRAY_TYPES[tensor.dtype]:
+            problems.append(f"{name}: state {tensor.name} is {list(array.shape)} (type {array.dataType}), "
+                            f"expected fp16 {expected['state_shape']}")
     ops = program_ops(spec)
     missing = [op for op in STATEFUL_OPS if not ops[op]]
     if missing:
-        problems.append(f"decoder: stateful ops missing: {missing}")
+        problems.append(f"{name}: stateful ops missing: {missing}")
     layers = expected["state_shape"][0]
     if ops["slice_update"] < 2 * layers or ops["write_state"] < 2 * layers:
-        problems.append(f"decoder: {ops['slice_update']} slice_update / {ops['write_state']} write_state for {layers} layers (expected 2 each per layer)")
+        problems.append(f"{name}: {ops['slice_update']} slice_update / {ops['write_state']} write_state for {layers} layers "
+                        "(expected 2 each per layer)")
     return problems
 
 
@@ -100,8 +125,8 @@ def check_spec(folder: Path, expected: dict) -> list[str]:
     """Every problem with the packages in `folder` against `expected` (from the manifest); [] when fine."""
     folder = Path(folder)
     problems = []
-    for package, check in (("vision_encoder", check_vision), ("decoder", check_decoder)):
-        path = folder / f"{package}.mlpackage"
+    for contract, check in ((COREML_VISION, check_vision), (COREML_DECODER, check_decoder)):
+        package, path = contract.name, folder / contract.filename
         if not path.is_dir():
             problems.append(f"{package}: {path.name} missing")
             continue

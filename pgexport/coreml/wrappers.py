@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from transformers.models.gemma.modeling_gemma import apply_rotary_pos_emb
 
+from pgexport.contract import KEY_CACHE, VALUE_CACHE
 from pgexport.exporters.wrappers import VisionEncoder, finish_layer, set_attention_settings
 
 # Additive mask value for a blocked key: finite in fp16 (an all-blocked row gives a uniform softmax,
@@ -63,8 +64,9 @@ class StatefulDecoder(nn.Module):
         set_attention_settings(self, cfg)
         dtype = text.embed_tokens.weight.dtype
         shape = (cfg.num_hidden_layers, 1, self.num_kv_heads, max_context, self.head_dim)
-        self.register_buffer("key_cache", torch.zeros(shape, dtype=dtype))
-        self.register_buffer("value_cache", torch.zeros(shape, dtype=dtype))
+        # Buffers named as the package's states: coremltools turns each into the state of that name.
+        self.register_buffer(KEY_CACHE, torch.zeros(shape, dtype=dtype))
+        self.register_buffer(VALUE_CACHE, torch.zeros(shape, dtype=dtype))
 
     @property
     def state_shape(self) -> tuple[int, ...]:

@@ -1,16 +1,12 @@
-"""PaliGemma -> three ONNX graphs in the layout Optimum and transformers.js consume.
+"""PaliGemma -> three ONNX graphs in the layout Optimum and transformers.js consume, as
+`pgexport.contract` declares them (names, dims, cache naming, `logits_to_keep`).
 
-    vision_encoder.onnx          pixel_values -> image_features (projector included)
-    embed_tokens.onnx            input_ids -> inputs_embeds
-    decoder_model_merged.onnx    inputs_embeds, attention_mask, position_ids, past_key_values.{i}.key/value
-                                 [, logits_to_keep] -> logits, present.{i}.key/value
-
-`logits_to_keep` (int64 scalar, transformers' argument of that name) is an overridable
-initializer: consumers that do not feed it (transformers.js, Optimum) get logits for every
-position, as before; a generation loop feeds 1 at prefill and skips the LM head for the prompt
-(a [batch, prompt, 257216] fp32 tensor: 4.2 GB per row at 896 px).
-
-Each graph's I/O contract is data (`GraphSpec`) next to the wrapper that implements it.
+Each graph is exported from its wrapper (exporters/wrappers.py) with example inputs made here;
+the contract's dynamic dims are named on the saved graph. `logits_to_keep` (int64 scalar,
+transformers' argument of that name) is then added to the decoder as an overridable initializer:
+consumers that do not feed it (transformers.js, Optimum) get logits for every position, and a
+generation loop feeds 1 at prefill and skips the LM head for the prompt (a [batch, prompt, 257216]
+fp32 tensor: 4.2 GB per row at 896 px).
 """
 
 from __future__ import annotations
@@ -29,6 +25,7 @@ import torch
 from onnx import helper, numpy_helper
 from torch.utils import _pytree as pytree
 
+from pgexport.contract import DECODER, EMBED, LOGITS, LOGITS_TO_KEEP, VISION, GraphSpec
 from pgexport.errors import UnsupportedError
 from pgexport.exporters.wrappers import Decoder, EmbedTokens, VisionEncoder
 
@@ -38,95 +35,59 @@ EXTERNAL_DATA_THRESHOLD = 1 << 30
 
 
 @dataclass(frozen=True)
-class GraphSpec:
-    """One graph's contract: names, dynamic axes, and how to build example inputs."""
+class GraphExport:
+    """How one contract graph is exported: the module that implements it and its example inputs.
+    Names and dynamic axes are the contract's, for the model's layer count."""
 
-    name: str
+    contract: GraphSpec
     wrapper: Callable[[torch.nn.Module], torch.nn.Module]
-    input_names: list[str]
-    output_names: list[str]
-    dynamic_axes: dict[str, dict[int, str]]
     example_inputs: Callable[[object], tuple]
+    layers: int = 0
 
     @property
     def filename(self) -> str:
-        return f"{self.name}.onnx"
+        return self.contract.filename()
+
+    @property
+    def input_names(self) -> list[str]:
+        return self.contract.input_names(self.layers)
+
+    @property
+    def output_names(self) -> list[str]:
+        return self.contract.output_names(self.layers)
+
+    @property
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        return self.contract.dynamic_axes(self.layers)
 
 
-def _text(config):
-    return config.text_config
+def vision_pixels(config) -> tuple:
+    image_size = config.vision_config.image_size
+    return (torch.randn(2, 3, image_size, image_size),)
 
 
-def kv_names(config, prefix: str) -> list[str]:
-    """past_key_values.{i}.key/value or present.{i}.key/value, in layer order."""
-    return [f"{prefix}.{i}.{kind}" for i in range(_text(config).num_hidden_layers) for kind in ("key", "value")]
+def embed_ids(config) -> tuple:
+    return (torch.randint(0, config.text_config.vocab_size, (2, 5)),)
 
 
-def vision_spec(config) -> GraphSpec:
-    vision = config.vision_config
-
-    def example(cfg):
-        return (torch.randn(2, 3, vision.image_size, vision.image_size),)
-
-    return GraphSpec(
-        name="vision_encoder",
-        wrapper=VisionEncoder,
-        input_names=["pixel_values"],
-        output_names=["image_features"],
-        dynamic_axes={"pixel_values": {0: "batch_size"}, "image_features": {0: "batch_size"}},
-        example_inputs=example,
-    )
+def decoder_step(config) -> tuple:
+    """A decode call past a short cache. Sizes >= 2 everywhere: the exporter specialises dimensions
+    it sees as 0 or 1."""
+    text = config.text_config
+    batch, past, seq = 2, 3, 4
+    mask = torch.ones(batch, past + seq, dtype=torch.int64)
+    positions = torch.arange(past + 1, past + seq + 1).expand(batch, seq)
+    kv = [torch.randn(batch, text.num_key_value_heads, past, text.head_dim) for _ in range(2 * text.num_hidden_layers)]
+    return (torch.randn(batch, seq, text.hidden_size), mask, positions, kv)
 
 
-def embed_spec(config) -> GraphSpec:
-    def example(cfg):
-        return (torch.randint(0, _text(cfg).vocab_size, (2, 5)),)
-
-    return GraphSpec(
-        name="embed_tokens",
-        wrapper=EmbedTokens,
-        input_names=["input_ids"],
-        output_names=["inputs_embeds"],
-        dynamic_axes={
-            "input_ids": {0: "batch_size", 1: "sequence_length"},
-            "inputs_embeds": {0: "batch_size", 1: "sequence_length"},
-        },
-        example_inputs=example,
-    )
-
-
-def decoder_spec(config) -> GraphSpec:
-    text = _text(config)
-    past_names, present_names = kv_names(config, "past_key_values"), kv_names(config, "present")
-
-    def example(cfg):
-        # Sizes >= 2 everywhere: the exporter specialises dimensions it sees as 0 or 1.
-        batch, past, seq = 2, 3, 4
-        mask = torch.ones(batch, past + seq, dtype=torch.int64)
-        positions = torch.arange(past + 1, past + seq + 1).expand(batch, seq)
-        kv = [torch.randn(batch, text.num_key_value_heads, past, text.head_dim) for _ in past_names]
-        return (torch.randn(batch, seq, text.hidden_size), mask, positions, kv)
-
-    axes = {
-        "inputs_embeds": {0: "batch_size", 1: "sequence_length"},
-        "attention_mask": {0: "batch_size", 1: "total_sequence_length"},
-        "position_ids": {0: "batch_size", 1: "sequence_length"},
-        "logits": {0: "batch_size", 1: "logits_length"},  # sequence_length, or logits_to_keep
-    }
-    axes.update({name: {0: "batch_size", 2: "past_sequence_length"} for name in past_names})
-    axes.update({name: {0: "batch_size", 2: "total_sequence_length"} for name in present_names})
-    return GraphSpec(
-        name="decoder_model_merged",
-        wrapper=Decoder,
-        input_names=["inputs_embeds", "attention_mask", "position_ids", *past_names],
-        output_names=["logits", *present_names],
-        dynamic_axes=axes,
-        example_inputs=example,
-    )
-
-
-def graph_specs(config) -> list[GraphSpec]:
-    return [vision_spec(config), embed_spec(config), decoder_spec(config)]
+def graph_exports(config) -> list[GraphExport]:
+    """The contract's three graphs, each with its wrapper and example inputs."""
+    return [
+        GraphExport(VISION, VisionEncoder, vision_pixels),
+        GraphExport(EMBED, EmbedTokens, embed_ids),
+        GraphExport(DECODER, Decoder, decoder_step, layers=config.text_config.num_hidden_layers),
+    ]
 
 
 def _parameter_bytes(module: torch.nn.Module) -> int:
@@ -149,17 +110,17 @@ def _quiet_exporter():
             logger.setLevel(level)
 
 
-def _dynamic_shapes(spec: GraphSpec, example: tuple):
+def _dynamic_shapes(spec: GraphExport, example: tuple):
     # Example inputs may nest (the decoder takes its past as one list): input names follow the
     # flattened order. Dim.DYNAMIC lets torch.export find the relations (total = past + sequence)
     # itself; _name_axes writes the contract's axis names onto the graph afterwards.
     leaves, structure = pytree.tree_flatten(example)
     shapes = [{axis: torch.export.Dim.DYNAMIC for axis in spec.dynamic_axes.get(name, {})} for name in spec.input_names]
-    assert len(leaves) == len(shapes), f"{spec.name}: {len(leaves)} example inputs for {len(shapes)} names"
+    assert len(leaves) == len(shapes), f"{spec.contract.name}: {len(leaves)} example inputs for {len(shapes)} names"
     return pytree.tree_unflatten(shapes, structure)
 
 
-def _name_axes(model: onnx.ModelProto, spec: GraphSpec) -> None:
+def _name_axes(model: onnx.ModelProto, spec: GraphExport) -> None:
     for value in [*model.graph.input, *model.graph.output]:
         for axis, label in spec.dynamic_axes.get(value.name, {}).items():
             dim = value.type.tensor_type.shape.dim[axis]
@@ -172,35 +133,36 @@ _LOGIT_TAIL_OPS = {"Div", "Tanh", "Mul", "Cast"}
 
 
 def _add_logits_to_keep(model: onnx.ModelProto) -> None:
-    """Slice the LM head's input to its last `logits_to_keep` positions (0, the default: all).
+    """Slice the LM head's input to its last LOGITS_TO_KEEP positions (0, the default: all).
 
     Done on the ONNX graph: the output length depends on an input's value, which torch.export
-    would have to treat as an unbacked size. The head is the MatMul that `logits` comes from,
+    would have to treat as an unbacked size. The head is the MatMul that LOGITS come from,
     through the soft-cap's elementwise ops, if any."""
     producers = {out: node for node in model.graph.node for out in node.output}
-    node = producers["logits"]
+    node = producers[LOGITS]
     while node.op_type in _LOGIT_TAIL_OPS:
         node = producers[node.input[0]]
     if node.op_type != "MatMul":
-        raise RuntimeError(f"LM head not found: logits come from {node.op_type}")
+        raise RuntimeError(f"LM head not found: {LOGITS} come from {node.op_type}")
     hidden = node.input[0]
-    keep = "logits_to_keep"
+    keep = LOGITS_TO_KEEP
     model.graph.initializer.append(numpy_helper.from_array(np.array(0, dtype=np.int64), keep))
     model.graph.input.append(helper.make_tensor_value_info(keep, onnx.TensorProto.INT64, []))
+    zero, end, axes, shape = f"{keep}_zero", f"{keep}_end", f"{keep}_axes", f"{keep}_shape"
     constants = {
-        "logits_to_keep_zero": np.array(0, dtype=np.int64),
-        "logits_to_keep_end": np.array([np.iinfo(np.int64).max], dtype=np.int64),
-        "logits_to_keep_axes": np.array([1], dtype=np.int64),
-        "logits_to_keep_shape": np.array([1], dtype=np.int64),
+        zero: np.array(0, dtype=np.int64),
+        end: np.array([np.iinfo(np.int64).max], dtype=np.int64),
+        axes: np.array([1], dtype=np.int64),
+        shape: np.array([1], dtype=np.int64),
     }
     model.graph.initializer.extend(numpy_helper.from_array(value, name) for name, value in constants.items())
-    sliced = f"{hidden}_last"
+    some, neg, start0, start, sliced = f"{keep}_some", f"{keep}_neg", f"{keep}_start0", f"{keep}_start", f"{hidden}_last"
     nodes = [
-        helper.make_node("Greater", [keep, "logits_to_keep_zero"], ["logits_to_keep_some"]),
-        helper.make_node("Neg", [keep], ["logits_to_keep_neg"]),
-        helper.make_node("Where", ["logits_to_keep_some", "logits_to_keep_neg", "logits_to_keep_zero"], ["logits_to_keep_start0"]),
-        helper.make_node("Reshape", ["logits_to_keep_start0", "logits_to_keep_shape"], ["logits_to_keep_start"]),
-        helper.make_node("Slice", [hidden, "logits_to_keep_start", "logits_to_keep_end", "logits_to_keep_axes"], [sliced]),
+        helper.make_node("Greater", [keep, zero], [some]),
+        helper.make_node("Neg", [keep], [neg]),
+        helper.make_node("Where", [some, neg, zero], [start0]),
+        helper.make_node("Reshape", [start0, shape], [start]),
+        helper.make_node("Slice", [hidden, start, end, axes], [sliced]),
     ]
     node.input[0] = sliced
     position = list(model.graph.node).index(node)
@@ -214,7 +176,7 @@ def check_opset(opset: int) -> int:
     return opset
 
 
-def export_graph(model, spec: GraphSpec, out_dir: Path, opset: int = DEFAULT_OPSET) -> Path:
+def export_graph(model, spec: GraphExport, out_dir: Path, opset: int = DEFAULT_OPSET) -> Path:
     """Export one graph of `model` into `out_dir` and return its path."""
     check_opset(opset)
     module = spec.wrapper(model).eval()
@@ -235,7 +197,7 @@ def export_graph(model, spec: GraphSpec, out_dir: Path, opset: int = DEFAULT_OPS
         program.save(str(path), external_data=external)
     proto = onnx.load(str(path), load_external_data=False)
     _name_axes(proto, spec)
-    if "logits" in spec.output_names:
+    if any(t.name == LOGITS_TO_KEEP for t in spec.contract.optional_inputs):
         _add_logits_to_keep(proto)
     onnx.save(proto, str(path))
     onnx.checker.check_model(str(path))
@@ -245,7 +207,7 @@ def export_graph(model, spec: GraphSpec, out_dir: Path, opset: int = DEFAULT_OPS
 def export_graphs(model, out_dir: Path, opset: int = DEFAULT_OPSET, progress=None) -> list[Path]:
     """Export the vision, embedding and decoder graphs of a PaliGemma model into `out_dir`."""
     paths = []
-    for spec in graph_specs(model.config):
+    for spec in graph_exports(model.config):
         if progress is not None:
             progress(f"exporting {spec.filename}")
         paths.append(export_graph(model, spec, out_dir, opset))
