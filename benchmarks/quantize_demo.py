@@ -23,17 +23,17 @@ from pathlib import Path
 
 import numpy as np
 
-METHODS = {  # label -> quantize_artifact arguments
+METHODS = {  # label -> quantize_artifact options (pgexport.config.QuantizeConfig)
     "int8 (vision+decoder)": dict(methods=["int8"]),
-    "int8 + int8 table": dict(methods=["int8"], graphs={"embed": "int8"}),
-    "int8-static": dict(methods=["int8-static"], graphs={"embed": "int8"}),
-    "int8-static, tuned to 0.99999": dict(methods=["int8-static"], graphs={"embed": "int8"}, quantize=dict(accuracy_target=0.99999)),
+    "int8 + int8 table": dict(methods=["int8"], embed="int8"),
+    "int8-static": dict(methods=["int8-static"], embed="int8"),
+    "int8-static, tuned to 0.99999": dict(methods=["int8-static"], embed="int8", accuracy_target=0.99999),
     "q4 rtn b32": dict(methods=["q4"]),
-    "q4 rtn b128": dict(methods=["q4"], quantize=dict(block_size=128)),
-    "q4 rtn b32 acc0": dict(methods=["q4"], quantize=dict(accuracy_level=0)),  # fp32 compute (default: 4)
-    "q4 hqq b32": dict(methods=["q4"], quantize=dict(int4_method="hqq")),
-    "q4 rtn b32, optimized graphs": dict(methods=["q4"], quantize=dict(optimize=True)),
-    "vision int8, decoder+table q4": dict(graphs={"vision": "int8", "decoder": "q4", "embed": "q4"}),
+    "q4 rtn b128": dict(methods=["q4"], block_size=128),
+    "q4 rtn b32 acc0": dict(methods=["q4"], accuracy_level=0),  # fp32 compute (default: 4)
+    "q4 hqq b32": dict(methods=["q4"], int4_method="hqq"),
+    "q4 rtn b32, optimized graphs": dict(methods=["q4"], optimize=True),
+    "vision int8, decoder+table q4": dict(vision="int8", decoder="q4", embed="q4"),
     "fp16": dict(methods=["fp16"]),
 }
 DECODE_TOKENS = 32
@@ -43,10 +43,11 @@ def decode_ms_per_token(artifact: Path, dtype: str, runs: int = 3, threads: int 
     """Median decode step, batch 1, eos ignored, timed step by step by `pgexport bench`'s runner
     over `runs` generations of 1 + `tokens` tokens (prefill excluded). A difference of two whole
     generations would carry the prefill's noise: on the 3B shapes it swamped the steps."""
-    from pgexport.bench import Clock, OnnxRunner, Settings, make_inputs, resolve_target
+    from pgexport.bench import Clock, OnnxRunner, make_inputs, resolve_target
+    from pgexport.config import BenchConfig
 
     target = resolve_target(artifact)
-    runner = OnnxRunner(target, dtype, Settings(batches=(1,), threads=threads or None))
+    runner = OnnxRunner(target, dtype, BenchConfig(batches=(1,), threads=threads or None))
     inputs = make_inputs(target.config, 1, 10, target.native_resolution)
     runner.run(inputs, 2, Clock("cpu"))  # warm-up
     steps = [step for _ in range(runs) for step in runner.run(inputs, 1 + tokens, Clock("cpu")).steps]
@@ -68,7 +69,7 @@ def compare(fp32: Path, targets: list[str], runs: int = 3, steps: int = DECODE_T
     """Token agreement with the fp32 graphs, decode ms/token and sizes of ARTIFACT:VARIANT targets."""
     from pgexport.manifest import read_manifest
     from pgexport.quantize.artifact import size_report
-    from pgexport.validate import _agreement
+    from pgexport.metrics import token_agreement
 
     reference = greedy_tokens(fp32, "fp32")
     rows = [{"target": str(fp32), "dtype": "fp32", "agreement": 1.0, "decode_ms": decode_ms_per_token(fp32, "fp32", runs, tokens=steps),
@@ -78,7 +79,7 @@ def compare(fp32: Path, targets: list[str], runs: int = 3, steps: int = DECODE_T
         manifest = read_manifest(Path(path))
         sizes = size_report(Path(path), {dtype: manifest.get("variants", {}).get(dtype, {})})
         tokens = greedy_tokens(Path(path), dtype)
-        rows.append({"target": path, "dtype": dtype, "agreement": _agreement(reference, tokens),
+        rows.append({"target": path, "dtype": dtype, "agreement": token_agreement(reference, tokens),
                      "identical": bool(np.array_equal(reference, tokens)),
                      "decode_ms": decode_ms_per_token(Path(path), dtype, runs, tokens=steps), "bytes": sizes[dtype]["total"],
                      "ratio": sizes[dtype]["ratio"], "graphs": sizes[dtype]["graphs"]})
@@ -90,7 +91,6 @@ def run_methods(work: Path, only: list[str] | None) -> dict:
     from pgexport.errors import GateFailedError, UnsupportedError
     from pgexport.manifest import read_manifest
     from pgexport.pipeline import export_onnx, quantize_artifact
-    from pgexport.quantize.artifact import QuantizeOptions
 
     fp32 = work / "fp32"
     if not (fp32 / "manifest.json").is_file():
@@ -100,12 +100,11 @@ def run_methods(work: Path, only: list[str] | None) -> dict:
     for label, arguments in METHODS.items():
         if only and label not in only:
             continue
-        arguments = dict(arguments)
-        quantize = QuantizeOptions(**arguments.pop("quantize", {}))
+        arguments = {key: tuple(value) if isinstance(value, list) else value for key, value in arguments.items()}
         out = work / label.replace(" ", "_").replace("+", "").replace(",", "")
         started = time.perf_counter()
         try:
-            manifest = quantize_artifact(fp32, out, quantize=quantize, force=True, progress=False, **arguments)
+            manifest = quantize_artifact(fp32, out, force=True, progress=False, **arguments)
             failed = None
         except GateFailedError as error:
             manifest, failed = read_manifest(out), str(error)

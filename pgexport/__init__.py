@@ -4,8 +4,10 @@ Python API (the CLI mirrors it one-to-one):
     export_onnx(model, output, int8=...)      checkpoint -> ONNX artifact, validated
     quantize_artifact(artifact, output, ...)  fp32 artifact -> quantized variants, validated
     to_coreml(model, output, ...)             checkpoint -> Core ML packages
-    distill(teacher, output, train, ...)      teacher -> smaller student checkpoint
-    validate_artifact(artifact, reference)    rerun the parity gate
+    distill(teacher, output, ...)             teacher -> smaller student checkpoint
+    validate_artifact(artifact, ...)          rerun the parity gate
+    build(recipe, output)                     every stage a recipe names, cached, gated, verified
+Each takes its stage's config (pgexport.config) or that config's fields as keywords.
     OnnxPaliGemma(artifact).generate(...)     run an artifact on ONNX Runtime
     load_checkpoint(model)                    load and check a PaliGemma checkpoint
 """
@@ -15,11 +17,12 @@ __version__ = "0.1.0"
 _API = {
     "export_onnx": "pgexport.pipeline",
     "quantize_artifact": "pgexport.pipeline",
-    "to_coreml": "pgexport.coreml",
+    "to_coreml": "pgexport.coreml.convert",
     "distill": None,  # the package itself, callable (pgexport/distill/__init__.py)
     "validate_artifact": "pgexport.validate",
     "OnnxPaliGemma": "pgexport.runtime",
     "load_checkpoint": "pgexport.load",
+    "build": "pgexport.build",
 }
 
 

@@ -10,32 +10,12 @@ import sys
 from pathlib import Path
 
 import click
-from rich.console import Console
-from rich.table import Table
 
 from pgexport import __version__
 from pgexport.errors import EXIT_INTERNAL, BadInputError, GateFailedError, OutputError, PgExportError
-from pgexport.quantize.cli import options_from, print_sizes, quantize_options
-
-console = Console()
-
-# The width tables are printed at when stdout is not a terminal (a CI log, a pipe, a file): enough
-# for every row on one line. rich would cut them to 80 columns there (or to the width of a terminal
-# on stdin or stderr), wrapping every cell.
-LOG_WIDTH = 1000
-
-
-def output_width(stream) -> int | None:
-    """The width for rich on `stream`: None (rich decides: COLUMNS, else the terminal's width) when
-    COLUMNS is set or `stream` is a terminal, else LOG_WIDTH."""
-    if os.environ.get("COLUMNS", "").isdigit():
-        return None
-    try:
-        on_terminal = stream.isatty()
-    except (AttributeError, ValueError):  # no isatty, or closed
-        on_terminal = False
-    return None if on_terminal else LOG_WIDTH
-
+from pgexport.cli_options import cli_options, config_from, reads_checkpoint, run_options
+from pgexport.config import BenchConfig, ExportConfig, ValidateConfig
+from pgexport.tables import console, output_width, parity_table, print_sizes
 
 def quiet_third_party() -> None:
     """Keep libraries' chatter out of pgexport's output: transformers' tqdm bars ('Loading weights',
@@ -62,29 +42,6 @@ def os_error_exit(error: OSError) -> int | None:
         unreadable = error.filename and os.path.exists(error.filename) and not os.access(error.filename, os.R_OK)
         return BadInputError.exit_code if unreadable else OutputError.exit_code
     return None
-
-
-def parity_table(parity: dict) -> Table:
-    """One row per precision: the figures the gate decided on (lossy precisions are gated on the
-    decode cosine, which starts at the last prompt position; see validate.Thresholds)."""
-    table = Table(title="Parity against the PyTorch model")
-    for column in ("dtype", "prefill max|d|/range", "decode max|d|/range", "prefill min cos", "decode min cos",
-                   "greedy tokens", "exact match", "gate"):
-        table.add_column(column)
-    for dtype, hop in parity["hops"].items():
-        tokens = hop["tokens"]
-        em = hop.get("exact_match")
-        table.add_row(
-            dtype,
-            f"{hop['prefill']['max_rel_diff']:.2e}",
-            f"{hop['decode']['max_rel_diff']:.2e}",
-            f"{hop['prefill']['min_cosine']:.6f}",
-            f"{hop['decode']['min_cosine']:.6f}",
-            f"{'identical' if tokens['identical'] else 'differ'} ({tokens['agreement']:.0%} of {tokens['new_tokens']} x {tokens['batch']})",
-            f"{em['artifact']:.1%} ({em['change_points']:+.1f} pts)" if em else "-",
-            "[green]pass[/]" if hop["passed"] else "[red]FAIL[/]: " + "; ".join(hop["failures"]),
-        )
-    return table
 
 
 class Command(click.Group):
@@ -131,20 +88,10 @@ def main():
 
 
 @main.command("onnx")
-@click.argument("model", required=False)
-@click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("out"), show_default=True, help="Artifact folder to create.")
-@click.option("--int8", is_flag=True, help="Also write dynamic int8 vision and decoder graphs (onnxruntime), validated too.")
-@click.option("--int4", is_flag=True, help="Also write a q4 variant: 4-bit MatMulNBits graphs and a 4-bit token table, validated too.")
-@click.option("--fp16", is_flag=True, help="Also write an fp16 variant (fp32 islands where Gemma overflows), validated too.")
-@quantize_options
-@click.option("--opset", type=int, default=18, show_default=True, help="ONNX opset (18..23).")
-@click.option("--validate/--no-validate", default=True, show_default=True, help="Run the parity gate against PyTorch.")
-@click.option("--eval-file", type=click.Path(path_type=Path), help="JSONL of held-out rows for the exact-match check.")
-@click.option("--force", is_flag=True, help="Replace an existing output folder (only once the new one is complete).")
-@click.option("--allow-pickle", is_flag=True, help="Allow non-safetensors (pickle) weights. Never runs remote code.")
-@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON instead of a table.")
-def onnx_command(model, output, int8, int4, fp16, vision, decoder, embed, int4_method, block_size, accuracy_level,
-                 calibration, accuracy_target, optimize, opset, validate, eval_file, force, allow_pickle, as_json):
+@reads_checkpoint("out", "Artifact folder to create.")
+@cli_options(ExportConfig)
+@run_options()
+def onnx_command(model, output, force, allow_pickle, as_json, **options):
     """Export MODEL to ONNX (vision_encoder, embed_tokens, decoder_model_merged) and validate it.
 
     --int8 / --int4 / --fp16 add quantized variants; --vision / --decoder / --embed set one graph's
@@ -152,11 +99,8 @@ def onnx_command(model, output, int8, int4, fp16, vision, decoder, embed, int4_m
     """
     from pgexport.pipeline import export_onnx
 
-    manifest = export_onnx(
-        model, output, int8=int8, int4=int4, fp16=fp16, graphs={"vision": vision, "decoder": decoder, "embed": embed},
-        quantize=options_from(int4_method, block_size, accuracy_level, calibration, accuracy_target, optimize),
-        opset=opset, validate=validate, eval_file=eval_file, force=force, allow_pickle=allow_pickle, progress=not as_json,
-    )
+    manifest = export_onnx(model, output, config_from(ExportConfig, options), force=force, allow_pickle=allow_pickle,
+                           progress=not as_json)
     if as_json:
         click.echo(json.dumps(manifest, indent=2))
         return
@@ -201,25 +145,25 @@ def generate_command(artifact, images, prompts, max_new_tokens, dtype, check, as
 
 @main.command("validate")
 @click.argument("artifact", type=click.Path(path_type=Path))
-@click.option("--reference", help="Checkpoint to compare with (default: the manifest's source).")
-@click.option("--eval-file", type=click.Path(path_type=Path), help="JSONL of held-out rows for the exact-match check.")
+@cli_options(ValidateConfig)
 @click.option("--allow-pickle", is_flag=True, help="Allow non-safetensors (pickle) weights in the reference.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def validate_command(artifact, reference, eval_file, allow_pickle, as_json):
+def validate_command(artifact, allow_pickle, as_json, **options):
     """Rerun the parity gate of ARTIFACT against the PyTorch model; exit 6 when it fails."""
     from pgexport.manifest import read_manifest
 
     if read_manifest(artifact).get("format", "").startswith("pgexport-coreml/"):
         from pgexport.coreml.validate import report_lines, validate_coreml
 
-        report = validate_coreml(artifact, reference, allow_pickle=allow_pickle)
+        config = config_from(ValidateConfig, options)
+        report = validate_coreml(artifact, config.reference, allow_pickle=allow_pickle)
         click.echo(json.dumps(report, indent=2) if as_json else "\n".join(report_lines(report)))
         if not report["passed"]:
             raise GateFailedError("Core ML artifact checks failed")
         return
     from pgexport.validate import validate_artifact
 
-    report = validate_artifact(artifact, reference, eval_file=eval_file, allow_pickle=allow_pickle)
+    report = validate_artifact(artifact, config_from(ValidateConfig, options), allow_pickle=allow_pickle)
     if as_json:
         click.echo(json.dumps(report, indent=2))
     else:
@@ -275,39 +219,17 @@ def build_command(recipe, output, force, as_json):
 
 @main.command("bench")
 @click.argument("targets", nargs=-1, required=True)
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
-@click.option("--dtype", "dtypes", help="Comma list (artifact: fp32,int8; checkpoint: fp32,bf16,fp16). Default: every artifact dtype; fp32 (cpu) or bf16 (cuda) for a checkpoint.")
-@click.option("--batch", "batches", default="1,4", show_default=True, help="Comma list of batch sizes.")
-@click.option("--resolutions", help="Comma list of px; other than a checkpoint's native size: latency-only variants (interpolated position embeddings).")
-@click.option("--prompt-tokens", type=click.IntRange(1), default=10, show_default=True, help="Text tokens after the image tokens.")
-@click.option("--new-tokens", type=click.IntRange(2), default=16, show_default=True, help="Tokens generated per row (greedy, no eos stop).")
-@click.option("--warmup", type=click.IntRange(0), default=1, show_default=True, help="Untimed runs per batch size.")
-@click.option("--runs", type=click.IntRange(1), default=3, show_default=True, help="Timed runs per batch size.")
-@click.option("--threads", type=click.IntRange(1), help="CPU threads for onnxruntime and torch (default: every usable CPU).")
-@click.option("--prefill-rows", type=click.IntRange(0), default=0, show_default=True,
-              help="onnxruntime targets: prefill this many rows per decoder call (0: the whole batch); bounds the prefill's memory.")
-@click.option("--baseline", help="Target (as given) or row label the speedups are against (default: the first target).")
+@cli_options(BenchConfig)
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write the full report (environment, floors, results) here.")
 @click.option("--markdown", "markdown_path", type=click.Path(path_type=Path), help="Write the markdown table here.")
 @click.option("--plot", "plot_path", type=click.Path(path_type=Path), help="Write a latency-vs-batch PNG here (needs matplotlib).")
-def bench_command(targets, device, dtypes, batches, resolutions, prompt_tokens, new_tokens, warmup, runs, threads,
-                  prefill_rows, baseline, json_path, markdown_path, plot_path):
+def bench_command(targets, json_path, markdown_path, plot_path, **options):
     """Time TARGETs (artifact or checkpoint folders) on the same inputs: load, vision, time to first
     token, per-output-token latency, tokens/s, peak memory, each against its physical floor."""
     from pgexport.bench import bench, to_markdown
 
-    def numbers(text, name):
-        try:
-            return [int(item) for item in text.split(",") if item.strip()] if text else None
-        except ValueError:
-            raise click.BadParameter(f"{text!r}: expected comma-separated integers", param_hint=name) from None
-
-    report = bench(
-        list(targets), device=device, dtypes=dtypes.split(",") if dtypes else None,
-        batches=numbers(batches, "--batch"), resolutions=numbers(resolutions, "--resolutions"),
-        prompt_tokens=prompt_tokens, new_tokens=new_tokens, warmup=warmup, runs=runs, threads=threads,
-        prefill_rows=prefill_rows, baseline=baseline, json_path=json_path, markdown_path=markdown_path, plot_path=plot_path,
-    )
+    report = bench(list(targets), config_from(BenchConfig, options), json_path=json_path, markdown_path=markdown_path,
+                   plot_path=plot_path)
     click.echo(to_markdown(report))
     if report["plot"] and report["plot"]["skipped"]:
         click.echo(f"plot skipped: {report['plot']['skipped']}", err=True)

@@ -35,26 +35,15 @@ HUB_PROBE_SECONDS = 3.0
 # intermediate 36864, 46 layers, 32 heads of 128, a 257216-token vocabulary, and SigLIP So400m at
 # 896 px (hidden 1152, intermediate 4304, 27 layers, 16 heads, 14 px patches).
 CONFIG_RANGES = {
-    "vocab_size": (1, 1 << 20),
-    "hidden_size": (1, 1 << 16),
-    "projection_dim": (1, 1 << 16),
+    **dict.fromkeys(["vocab_size", "text_config.vocab_size", "text_config.max_position_embeddings"], (1, 1 << 20)),
     "image_token_index": (0, 1 << 20),
-    "text_config.vocab_size": (1, 1 << 20),
-    "text_config.hidden_size": (1, 1 << 16),
-    "text_config.intermediate_size": (1, 1 << 18),
-    "text_config.num_hidden_layers": (1, 1024),
-    "text_config.num_attention_heads": (1, 1024),
-    "text_config.num_key_value_heads": (1, 1024),
-    "text_config.head_dim": (1, 4096),
-    "text_config.max_position_embeddings": (1, 1 << 20),
-    "vision_config.hidden_size": (1, 1 << 16),
-    "vision_config.intermediate_size": (1, 1 << 18),
-    "vision_config.num_hidden_layers": (1, 1024),
-    "vision_config.num_attention_heads": (1, 1024),
-    "vision_config.image_size": (1, 4096),
-    "vision_config.patch_size": (1, 4096),
+    **dict.fromkeys(["hidden_size", "projection_dim", "text_config.hidden_size", "vision_config.hidden_size",
+                     "vision_config.projection_dim"], (1, 1 << 16)),
+    **dict.fromkeys(["text_config.intermediate_size", "vision_config.intermediate_size"], (1, 1 << 18)),
+    **dict.fromkeys(["text_config.num_hidden_layers", "text_config.num_attention_heads", "text_config.num_key_value_heads",
+                     "vision_config.num_hidden_layers", "vision_config.num_attention_heads"], (1, 1024)),
+    **dict.fromkeys(["text_config.head_dim", "vision_config.image_size", "vision_config.patch_size"], (1, 4096)),
     "vision_config.num_channels": (3, 3),  # the processor makes RGB images
-    "vision_config.projection_dim": (1, 1 << 16),
 }
 MAX_IMAGE_TOKENS = 16384  # PaliGemma at 896 px has 4096
 MAX_PARAMETERS = 40e9  # PaliGemma 2 28B, the largest, has 2.8e10

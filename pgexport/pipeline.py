@@ -6,6 +6,7 @@ import contextlib
 import os
 import shutil
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 from rich.console import Console
@@ -13,12 +14,13 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 import pgexport
 from pgexport.errors import BadInputError, GateFailedError
-from pgexport.exporters.onnx import DEFAULT_OPSET, check_opset, export_graphs
+from pgexport.config import ExportConfig, QuantizeConfig, make, options_of
+from pgexport.contract import GRAPH_NAMES, graph_path
+from pgexport.exporters.onnx import export_graphs
 from pgexport.load import Checkpoint, default_model, load_checkpoint
-from pgexport.manifest import MANIFEST, read_manifest, require_files, write_manifest
+from pgexport.manifest import MANIFEST, read_manifest, require_files, sha256_file, write_manifest
 from pgexport.output import check_output, staging_folder
-from pgexport.quantize.artifact import QuantizeOptions, plan_variants, quantize_variants, size_report
-from pgexport.runtime import GRAPHS, graph_path
+from pgexport.quantize.artifact import plan_variants, quantize_variants, size_report
 
 LICENSE_NOTE = "Gemma weights are subject to the Gemma Terms of Use (https://ai.google.dev/gemma/terms)."
 
@@ -57,97 +59,64 @@ def save_model_files(checkpoint: Checkpoint, folder: Path) -> None:
     image_processor.save_pretrained(folder)
 
 
-def eval_rows_for(checkpoint: Checkpoint, eval_file: str | Path | None):
-    """Held-out rows for the exact-match check: the given file, or the demo split for the demo model."""
-    from pgexport.demo import CHECKPOINT_DIR, EVAL_FILE, load_split
-
-    if eval_file is not None:
-        return load_split(eval_file)
-    if Path(checkpoint.source).resolve() == Path(CHECKPOINT_DIR).resolve():
-        return load_split(EVAL_FILE)
-    return None
-
-
-def _methods(int8: bool, int4: bool, fp16: bool) -> list[str]:
-    return [name for name, wanted in (("int8", int8), ("q4", int4), ("fp16", fp16)) if wanted]
-
-
 def _raise_if_failed(parity: dict | None) -> None:
     if parity is not None and not parity["passed"]:
         failed = {dtype: hop["failures"] for dtype, hop in parity["hops"].items() if hop["failures"]}
         raise GateFailedError(f"parity gate failed: {failed}", report=parity)
 
 
-def export_onnx(
-    model: str | Path | None = None,
-    output: str | Path = "out",
-    *,
-    int8: bool = False,
-    int4: bool = False,
-    fp16: bool = False,
-    graphs: dict[str, str] | None = None,
-    quantize: QuantizeOptions | None = None,
-    opset: int = DEFAULT_OPSET,
-    validate: bool = True,
-    eval_file: str | Path | None = None,
-    force: bool = False,
-    allow_pickle: bool = False,
-    progress: bool = True,
-) -> dict:
+def export_onnx(model: str | Path | None = None, output: str | Path = "out", config: ExportConfig | None = None, *,
+                force: bool = False, allow_pickle: bool = False, progress: bool = True, **options) -> dict:
     """Export `model` (folder or hub id; default the demo model) to an ONNX artifact at `output`.
 
-    Stages: load -> export fp32 graphs -> save model files -> PyTorch reference -> quantize ->
-    validate against PyTorch -> manifest. int8 / int4 / fp16 each add a variant (int8: vision and
-    decoder; q4 and fp16: every graph); `graphs` ({"vision"|"decoder"|"embed": precision}) sets
-    graphs' precisions on top (or alone, one variant); `quantize` says how (pgexport.quantize.artifact).
-    Writes into a staging folder renamed into place at the end. Returns the manifest; raises
-    GateFailedError (artifact kept, report inside) when a parity gate fails.
+    `config` (or its fields as keywords: `export_onnx(model, out, int8=True)`) is an ExportConfig,
+    the options of `pgexport onnx`. Stages: load -> export fp32 graphs -> save model files ->
+    PyTorch reference -> quantize -> validate against PyTorch -> manifest. int8 / int4 / fp16 each
+    add a variant (int8: vision and decoder; q4 and fp16: every graph); vision / decoder / embed set
+    graphs' precisions on top (or alone, one variant). Writes into a staging folder renamed into
+    place at the end. Returns the manifest; raises GateFailedError (artifact kept, report inside)
+    when a parity gate fails.
     """
-    from pgexport.validate import reference_outputs, validate as run_gate
+    from pgexport.validate import eval_rows_for, reference_outputs, validate as run_gate
 
-    output = Path(output)
-    check_opset(opset)
-    quantize = (quantize or QuantizeOptions()).check()
-    variants = plan_variants(_methods(int8, int4, fp16), graphs)
-    inputs = [model if model is not None else default_model(), eval_file, quantize.calibration]
-    options = {"int8": int8, "opset": opset, "validate": validate}
-    if variants.keys() - {"int8"} or graphs:
-        options.update(int4=int4, fp16=fp16, graphs=graphs or {}, quantize=quantize.__dict__)
+    output, config = Path(output), make(ExportConfig, config, **options)
+    graphs = {key: value for key, value in config.graphs().items() if value}
+    variants = plan_variants(config.methods(), graphs)
+    inputs = [model if model is not None else default_model(), config.eval_file, config.calibration]
     dtypes = ["fp32", *variants]
     started = time.perf_counter()
-    with staging_folder(output, force, inputs) as staging, stages(4 + bool(variants) + 2 * validate, progress) as advance:
+    with (staging_folder(output, force, inputs) as staging,
+          stages(4 + bool(variants) + 2 * config.validate, progress) as advance):
         advance("loading checkpoint")
         checkpoint = load_checkpoint(model, allow_pickle=allow_pickle)
         advance("exporting ONNX graphs")
         (staging / "onnx").mkdir()
-        export_graphs(checkpoint.model, staging / "onnx", opset)
+        export_graphs(checkpoint.model, staging / "onnx", config.opset)
         advance("saving config, tokenizer and processor")
         save_model_files(checkpoint, staging)
         fields = {
             "format": "pgexport-onnx/1",
             "pgexport_version": pgexport.__version__,
             "source": {"checkpoint": checkpoint.source, "sha256": checkpoint.sha256, "family": checkpoint.family},
-            "options": options,
+            "options": options_of(config),
             "dtypes": dtypes,
             "default_dtype": dtypes[-1],
+            "variants": variants,
             "license": LICENSE_NOTE,
         }
-        if variants.keys() - {"int8"} or graphs:
-            fields["variants"] = variants
-        if validate:
+        if config.validate:
             advance("running the PyTorch reference")
             reference = reference_outputs(
-                checkpoint.model, checkpoint.processor, eval_rows=eval_rows_for(checkpoint, eval_file)
+                checkpoint.model, checkpoint.processor, eval_rows=eval_rows_for(checkpoint, config.eval_file)
             )
         del checkpoint  # frees the PyTorch weights before the ONNX sessions load
         if variants:
             advance(f"quantizing ({', '.join(variants)})")
-            _runtime_manifest(staging, fields)  # fp16 and calibration run the fp32 graphs
-            fields["quantization"] = quantize_variants(staging, variants, quantize, progress=False)
+            fields["quantization"] = quantize_variants(staging, variants, config, progress=False)
             fields["sizes"] = size_report(staging, variants)
         write_manifest(staging, **fields, parity=None)  # the runtime reads dtypes from it
         parity = None
-        if validate:
+        if config.validate:
             advance("validating against PyTorch")
             parity = run_gate(staging, reference, dtypes)
         advance("writing manifest")
@@ -155,15 +124,6 @@ def export_onnx(
         manifest = write_manifest(staging, **fields, parity=parity)
     _raise_if_failed(parity)
     return manifest
-
-
-def _runtime_manifest(folder: Path, fields: dict) -> None:
-    """A provisional manifest.json, enough for the runtime to open the fp32 graphs (no file
-    hashes: the final manifest replaces it)."""
-    import json
-
-    provisional = {key: value for key, value in fields.items() if key not in ("files", "parity")}
-    (folder / MANIFEST).write_text(json.dumps({**provisional, "dtypes": ["fp32"], "default_dtype": "fp32"}))
 
 
 def _link_or_copy(source: Path, target: Path) -> None:
@@ -177,63 +137,51 @@ def _link_or_copy(source: Path, target: Path) -> None:
         shutil.copy2(source, target)
 
 
-def quantize_artifact(
-    artifact: str | Path,
-    output: str | Path,
-    *,
-    methods: list[str] | tuple[str, ...] = (),
-    graphs: dict[str, str] | None = None,
-    quantize: QuantizeOptions | None = None,
-    reference: str | Path | None = None,
-    validate: bool = True,
-    eval_file: str | Path | None = None,
-    force: bool = False,
-    allow_pickle: bool = False,
-    progress: bool = True,
-) -> dict:
+def quantize_artifact(artifact: str | Path, output: str | Path, config: QuantizeConfig | None = None, *,
+                      force: bool = False, allow_pickle: bool = False, progress: bool = True, **options) -> dict:
     """Quantize an existing artifact's fp32 graphs into a new artifact at `output`.
 
-    Stages: check the plan and the input -> link the input's files into a staging folder ->
-    PyTorch reference (the manifest's source checkpoint, or `reference`) -> quantize each graph
-    the variants need -> validate the new variants -> manifest (with a size report) -> rename into
-    place. The input is never written to. Methods as `pgexport.quantize.artifact.METHODS`
-    ("int8", "int8-static", "q4", "fp16"); `graphs` per graph as in `export_onnx`.
+    `config` (or its fields as keywords: `quantize_artifact(a, out, methods=["q4"])`) is a
+    QuantizeConfig, the options of `pgexport quantize`. Stages: check the plan and the input ->
+    link the input's files into a staging folder -> PyTorch reference (the manifest's source
+    checkpoint, or `reference`) -> quantize each graph the variants need -> validate the new
+    variants -> manifest (with a size report) -> rename into place. The input is never written to.
     """
-    from pgexport.validate import reference_outputs, validate as run_gate
+    from pgexport.validate import eval_rows_for, reference_outputs, validate as run_gate
 
-    artifact, output = Path(artifact), Path(output)
-    quantize = (quantize or QuantizeOptions()).check()
-    variants = plan_variants(list(methods), graphs)
+    artifact, output, config = Path(artifact), Path(output), make(QuantizeConfig, config, **options)
+    graphs = {key: value for key, value in config.graphs().items() if value}
+    variants = plan_variants(list(config.methods), graphs)
     if not variants:
         raise BadInputError("nothing to quantize: give --method or a per-graph precision (--vision, --decoder, --embed)")
     source_manifest = read_manifest(artifact)
-    for graph in GRAPHS:
+    for graph in GRAPH_NAMES:
         if not graph_path(artifact, graph, "fp32").is_file():
             raise BadInputError(f"{artifact}: missing the fp32 graph onnx/{graph}.onnx")
     source_checkpoint = (source_manifest.get("source") or {}).get("checkpoint")
-    inputs = [artifact, reference or source_checkpoint, eval_file, quantize.calibration]
+    reference = config.reference or source_checkpoint
+    inputs = [artifact, reference, config.eval_file, config.calibration]
     check_output(output, force, inputs)
     require_files(artifact, source_manifest)
     _check_sources(artifact, variants)
     dtypes = list(dict.fromkeys([*source_manifest.get("dtypes", ["fp32"]), *variants]))
     remade = _graph_files(artifact, variants)  # made anew in the output, so never links to the input's
     started = time.perf_counter()
-    with staging_folder(output, force, inputs) as staging, stages(4 + validate, progress) as advance:
+    with staging_folder(output, force, inputs) as staging, stages(4 + config.validate, progress) as advance:
         advance("linking the input artifact")
         for name in sorted(set(source_manifest.get("files", {})) - remade):
             _link_or_copy(artifact / name, staging / name)
         reference_run = evaluate = None
-        if validate:
+        if config.validate:
             advance("running the PyTorch reference")
-            checkpoint = load_checkpoint(reference or source_checkpoint, allow_pickle=allow_pickle)
+            checkpoint = load_checkpoint(reference, allow_pickle=allow_pickle)
             reference_run = reference_outputs(
-                checkpoint.model, checkpoint.processor, eval_rows=eval_rows_for(checkpoint, eval_file)
+                checkpoint.model, checkpoint.processor, eval_rows=eval_rows_for(checkpoint, config.eval_file)
             )
             del checkpoint
             evaluate = _tuning_metric(staging, reference_run)
         advance(f"quantizing ({', '.join(variants)})")
-        _runtime_manifest(staging, source_manifest)  # fp16 and calibration run the fp32 graphs
-        made = quantize_variants(staging, variants, quantize, progress=progress, evaluate=evaluate)
+        made = quantize_variants(staging, variants, config, progress=progress, evaluate=evaluate)
         fields = {key: value for key, value in source_manifest.items()
                   if key not in ("versions", "files", "parity", "export_seconds")}
         fields.update(
@@ -241,13 +189,14 @@ def quantize_artifact(
             default_dtype=dtypes[-1],
             variants={**source_manifest.get("variants", {}), **variants},
             quantization={**source_manifest.get("quantization", {}), **made},
-            quantize_options={"methods": list(methods), "graphs": graphs or {}, **quantize.__dict__},
-            quantized_from={"artifact": str(artifact), "sha256_manifest": _manifest_hash(artifact)},
+            quantize_options={"methods": list(config.methods), "graphs": config.graphs(),
+                              **asdict(config.quantize_options())},
+            quantized_from={"artifact": str(artifact), "sha256_manifest": sha256_file(artifact / MANIFEST)},
             sizes=size_report(staging, {**source_manifest.get("variants", {}), **variants}),
         )
         write_manifest(staging, **fields, parity=None)
         parity = None
-        if validate:
+        if config.validate:
             advance("validating against PyTorch")
             parity = run_gate(staging, reference_run, list(variants))
         advance("writing manifest")
@@ -270,16 +219,12 @@ def _graph_files(artifact: Path, variants: dict) -> set[str]:
 def _check_sources(artifact: Path, variants: dict) -> None:
     """Fail before any work when a graph to quantize is not a float graph (int4 on an int8 graph,
     say): reads each graph's structure only, not its weights."""
-    from pgexport.quantize.int8 import _load
+    from pgexport.quantize.rewrite import load_float_graph
 
     for graph in sorted({graph for graphs in variants.values() for graph in graphs}):
-        _load(graph_path(artifact, graph, "fp32"))
+        load_float_graph(graph_path(artifact, graph, "fp32"))
 
 
-def _manifest_hash(artifact: Path) -> str:
-    from pgexport.manifest import sha256_file
-
-    return sha256_file(artifact / MANIFEST)
 
 
 def _tuning_metric(folder: Path, reference):
@@ -292,7 +237,8 @@ def _tuning_metric(folder: Path, reference):
     import onnxruntime as ort
 
     from pgexport.runtime import OnnxPaliGemma
-    from pgexport.validate import PARITY_NEW_TOKENS, _agreement, _logit_stats
+    from pgexport.metrics import logit_stats, token_agreement
+    from pgexport.validate import PARITY_NEW_TOKENS
 
     def evaluate(graph: str, candidate: Path) -> float:
         runtime = OnnxPaliGemma(folder, dtype="fp32")
@@ -300,7 +246,7 @@ def _tuning_metric(folder: Path, reference):
         inputs = reference.inputs
         tokens, _ = runtime.generate_ids(**inputs, max_new_tokens=PARITY_NEW_TOKENS, stop_at_eos=False)
         _, forced = runtime.generate_ids(**inputs, stop_at_eos=False, forced_tokens=reference.tokens, keep_logits=True)
-        cosine = _logit_stats(reference.step_logits, np.stack(forced, 1))["min_cosine"]
-        return min(_agreement(reference.tokens, tokens), cosine)
+        cosine = logit_stats(reference.step_logits, np.stack(forced, 1))["min_cosine"]
+        return min(token_agreement(reference.tokens, tokens), cosine)
 
     return evaluate

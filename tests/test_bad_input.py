@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -138,13 +139,15 @@ def test_interrupted_export_leaves_nothing_that_looks_complete(tmp_path, checkpo
     (out / "keep.txt").write_text("previous artifact")
     (out / "manifest.json").write_text(json.dumps({"format": "pgexport-onnx/1"}))  # ours: --force may replace it
 
-    def interrupted(*args, **kwargs):
+    def interrupted(model, folder, opset):  # a graph half written, then Ctrl-C
+        (Path(folder) / "vision_encoder.onnx").write_bytes(b"partial")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(pipeline, "save_model_files", interrupted)
+    monkeypatch.setattr(pipeline, "export_graphs", interrupted)
     with pytest.raises(KeyboardInterrupt):
         pipeline.export_onnx(checkpoint_factory("tiny-pg1"), out, force=True, progress=False)
     assert (out / "keep.txt").read_text() == "previous artifact", "--force must not lose the old artifact early"
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt", "manifest.json"]
     assert not list(tmp_path.glob(".out.*")), "staging folder left behind"
 
 

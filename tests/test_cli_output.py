@@ -13,7 +13,8 @@ import pytest
 from click.testing import CliRunner
 
 from pgexport import pipeline
-from pgexport.cli import LOG_WIDTH, main
+from pgexport.cli import main
+from pgexport.tables import LOG_WIDTH
 from pgexport.errors import GateFailedError
 
 

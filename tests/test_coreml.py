@@ -177,7 +177,7 @@ def test_library_rejects_unknown_compression_and_existing_output(tmp_path):
     from pgexport.coreml.convert import to_coreml
     from pgexport.errors import BadInputError, OutputError
 
-    with pytest.raises(BadInputError, match="unknown compression 'int3'"):
+    with pytest.raises(BadInputError, match="unknown compress 'int3'"):
         to_coreml(None, tmp_path / "a", compress="int3")
     (tmp_path / "b").mkdir()
     with pytest.raises(OutputError):

@@ -128,8 +128,8 @@ def test_loss_matches_hand_computation():
 def uninterrupted(checkpoint_factory, data, tmp_path_factory):
     """One process, batch 4: the reference run."""
     out = tmp_path_factory.mktemp("distill-run") / "student"
-    report = distill(checkpoint_factory(TEACHER), out, data[0], data[1],
-                     DistillConfig(batch_size=4, **SMALL), progress=False)
+    report = distill(checkpoint_factory(TEACHER), out, DistillConfig(train=str(data[0]), eval_file=str(data[1]), batch_size=4, **SMALL),
+                     progress=False)
     return out, report
 
 
@@ -155,8 +155,8 @@ def test_run_writes_student_and_report(uninterrupted, checkpoint_factory):
 
 def test_resume_ends_like_uninterrupted_run(uninterrupted, checkpoint_factory, data, tmp_path):
     out = tmp_path / "student"
-    config = DistillConfig(batch_size=4, **SMALL)
-    stopped = distill(checkpoint_factory(TEACHER), out, data[0], data[1], config, stop_after=3, progress=False)
+    config = DistillConfig(train=str(data[0]), eval_file=str(data[1]), batch_size=4, **SMALL)
+    stopped = distill(checkpoint_factory(TEACHER), out, config, stop_after=3, progress=False)
     assert stopped["stopped_at"] == 3 and not out.exists()
     assert (work_folder(out) / "progress.json").is_file()
 
@@ -168,7 +168,7 @@ def test_resume_ends_like_uninterrupted_run(uninterrupted, checkpoint_factory, d
     result = CliRunner().invoke(main, cli)
     assert result.exit_code == 5 and "--resume" in result.output
 
-    report = distill(checkpoint_factory(TEACHER), out, data[0], data[1], config, resume=True, progress=False)
+    report = distill(checkpoint_factory(TEACHER), out, config, resume=True, progress=False)
     reference_out, reference = uninterrupted
     assert report["final_loss"] == reference["final_loss"]
     assert report["history"] == reference["history"]

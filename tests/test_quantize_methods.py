@@ -54,7 +54,7 @@ def _initializers(path: Path) -> dict:
 
 @pytest.mark.parametrize("method", ["rtn", "hqq"])
 @pytest.mark.parametrize("external", [False, True])
-def test_int4_matches_onnxruntime_quantizer(tmp_path, method, external, monkeypatch):
+def test_int4_matches_onnxruntime_quantizer(tmp_path, method, external):
     """rtn: the initializers of MatMulNBitsQuantizer, bit for bit, and its outputs; chunked reading
     (chunks of two blocks) changes nothing. hqq: its q and scales bit for bit, its float zero
     points z folded into the correction (8 - z) * s, and its outputs to float rounding (K not a
@@ -67,9 +67,9 @@ def test_int4_matches_onnxruntime_quantizer(tmp_path, method, external, monkeypa
     theirs = MatMulNBitsQuantizer(onnx.load(str(src)), algo_config=config)
     theirs.process()
     theirs.model.save_model_to_file(str(tmp_path / "ort.onnx"))
-    if method == "rtn":  # hqq's early stop is per piece, so only tensors of one piece match exactly
-        monkeypatch.setattr("pgexport.quantize.int4.CHUNK_BYTES", 4 * N1 * 64)
-    stats = quantize_int4(src, tmp_path / "out" / "mlp_q4.onnx", method=method, block_size=32, progress=False)
+    # hqq's early stop is per piece, so only tensors of one piece match exactly; rtn streams in chunks
+    chunks = {"chunk_bytes": 4 * N1 * 64} if method == "rtn" else {}
+    stats = quantize_int4(src, tmp_path / "out" / "mlp_q4.onnx", method=method, block_size=32, progress=False, **chunks)
 
     assert stats["quantized"] == 2 and [s["node"] for s in stats["skipped"]] == ["act"]
     ours, reference = _initializers(tmp_path / "out" / "mlp_q4.onnx"), _initializers(tmp_path / "ort.onnx")
@@ -146,7 +146,7 @@ def test_int4_refuses_quantized_graph_and_bad_block(tmp_path):
 
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("rows, cols", [(1251, 128), (300, 36)])  # 36: a partial last block of 16
-def test_embedding_table(tmp_path, bits, rows, cols, monkeypatch):
+def test_embedding_table(tmp_path, bits, rows, cols):
     """GatherBlockQuantized returns exactly the dequantized rows, within half a step of fp32;
     the table streams in row chunks."""
     table = RNG.standard_normal((rows, cols)).astype(np.float32)
@@ -157,8 +157,8 @@ def test_embedding_table(tmp_path, bits, rows, cols, monkeypatch):
         [numpy_helper.from_array(table, "table"), numpy_helper.from_array(np.float32(3.0), "scale")],
     )
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(tmp_path / "e.onnx"))
-    monkeypatch.setattr("pgexport.quantize.int8.CHUNK_BYTES", 4 * cols * 7)  # 7 rows a chunk
-    stats = quantize_embedding(tmp_path / "e.onnx", tmp_path / "q.onnx", bits=bits, block_size=16, progress=False)
+    stats = quantize_embedding(tmp_path / "e.onnx", tmp_path / "q.onnx", bits=bits, block_size=16, progress=False,
+                               chunk_bytes=4 * cols * 7)  # 7 rows a chunk
     assert stats["quantized"] == 1 and stats["bytes_after"] < (0.25 if bits == 4 else 0.4) * stats["bytes_before"]
 
     ids = RNG.integers(0, rows, (3, 9))

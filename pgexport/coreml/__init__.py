@@ -1,9 +1,9 @@
 """Core ML packages for PaliGemma (`pgexport coreml`): an image encoder taking the camera frame and a
 decoder holding its KV cache as Core ML state, optionally compressed.
 
-    to_coreml(model, output, compress=..., target=..., max_context=...)   checkpoint -> packages
-    validate_coreml(artifact)                                             files, specs, runtime parity (macOS)
-    check_wrappers(model, processor)                                      export wrappers vs transformers (PyTorch)
+    convert.to_coreml(model, output, compress=..., target=..., max_context=...)   checkpoint -> packages
+    validate.validate_coreml(artifact)                 files, specs, runtime parity (macOS)
+    parity.check_wrappers(model, processor)            export wrappers vs transformers (PyTorch)
 
 Design choices and their reasons: docs/coreml.md.
 """
@@ -13,11 +13,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
-
-# The choices of --compress and --target, here (no heavy import) so the CLI reads them.
-COMPRESSIONS = ("none", "int8", "int4", "palettize4")
-TARGETS = ("iOS18", "macOS15", "iOS17")
-STATEFUL_TARGETS = ("iOS18", "macOS15")  # Core ML state (ct.StateType) starts with iOS18 / macOS15
 
 # What coremltools logs (WARNING, logger "coremltools") on import and on every conversion that says
 # nothing to a pgexport user; any other line still shows.
@@ -60,21 +55,3 @@ def harmless_coremltools_logs_dropped():
     finally:
         if added:
             logger.removeFilter(HARMLESS_COREMLTOOLS_FILTER)
-
-
-def to_coreml(*args, **kwargs):
-    from pgexport.coreml.convert import to_coreml as run
-
-    return run(*args, **kwargs)
-
-
-def validate_coreml(*args, **kwargs):
-    from pgexport.coreml.validate import validate_coreml as run
-
-    return run(*args, **kwargs)
-
-
-def check_wrappers(*args, **kwargs):
-    from pgexport.coreml.parity import check_wrappers as run
-
-    return run(*args, **kwargs)

@@ -19,12 +19,23 @@ import numpy as np
 import torch
 
 import pgexport
-from pgexport.coreml import COMPRESSIONS, STATEFUL_TARGETS, TARGETS, harmless_coremltools_logs_dropped
+from pgexport.config import COMPRESSIONS, STATEFUL_TARGETS, TARGETS, CoremlConfig, make
+from pgexport.contract import (
+    COREML_DECODER,
+    COREML_RANGE_DIMS,
+    COREML_VISION,
+    IMAGE,
+    KEY_CACHE,
+    PACKAGES,
+    VALUE_CACHE,
+    PackageSpec,
+)
+from pgexport.coreml import harmless_coremltools_logs_dropped
 from pgexport.errors import BadInputError, GateFailedError, UnsupportedError, import_optional
 
 CONTEXT_AFTER_IMAGE = 512  # default --max-context: the image tokens plus this many prompt + answer tokens
-PACKAGES = ("vision_encoder", "decoder")
 FORMAT = "pgexport-coreml/1"
+NUMPY_TYPES = {"float16": np.float16, "int32": np.int32}  # the contract's tensor dtypes
 LICENSE_NOTE = "Gemma weights are subject to the Gemma Terms of Use (https://ai.google.dev/gemma/terms)."
 
 
@@ -124,8 +135,8 @@ def convert_vision_encoder(model, image_processor, target: str):
         traced = torch.jit.trace(vision, torch.zeros(1, 3, size, size))
     return ct.convert(
         traced,
-        inputs=[ct.ImageType("image", shape=(1, 3, size, size), scale=scale, bias=bias, color_layout=ct.colorlayout.RGB)],
-        outputs=[ct.TensorType("image_features", dtype=np.float16)],
+        inputs=[ct.ImageType(IMAGE, shape=(1, 3, size, size), scale=scale, bias=bias, color_layout=ct.colorlayout.RGB)],
+        outputs=[ct.TensorType(t.name, dtype=NUMPY_TYPES[t.dtype]) for t in COREML_VISION.outputs],
         minimum_deployment_target=getattr(ct.target, target),
         compute_precision=ct.precision.FLOAT16,
         convert_to="mlprogram",
@@ -150,19 +161,16 @@ def convert_decoder(model, target: str, max_context: int):
     )
     with torch.no_grad():
         traced = torch.jit.trace(decoder, example)
-    query = ct.RangeDim(1, max_context, default=1, symbol="query_length")
-    end = ct.RangeDim(1, max_context, default=1, symbol="cache_end")
-    rows = ct.RangeDim(1, image_tokens, default=1, symbol="image_rows")
+    # The contract's dims: one RangeDim per range dim (a dim two inputs share is one symbol), sizes for the rest.
+    sizes = {"max_context": max_context, "image_tokens": image_tokens, "hidden_size": hidden}
+    dims = {name: ct.RangeDim(1, sizes[bound], default=1, symbol=name) for name, bound in COREML_RANGE_DIMS.items()}
     state = ct.TensorType(shape=decoder.state_shape, dtype=np.float16)
     return ct.convert(
         traced,
-        inputs=[
-            ct.TensorType("input_ids", shape=(1, query), dtype=np.int32),
-            ct.TensorType("image_features", shape=(1, rows, hidden), dtype=np.float16),
-            ct.TensorType("attention_mask", shape=(1, 1, query, end), dtype=np.float16),
-        ],
-        outputs=[ct.TensorType("logits", dtype=np.float16)],
-        states=[ct.StateType(wrapped_type=state, name="key_cache"), ct.StateType(wrapped_type=state, name="value_cache")],
+        inputs=[ct.TensorType(t.name, shape=tuple(dims.get(d, sizes.get(d, d)) for d in t.dims), dtype=NUMPY_TYPES[t.dtype])
+                for t in COREML_DECODER.inputs],
+        outputs=[ct.TensorType(t.name, dtype=NUMPY_TYPES[t.dtype]) for t in COREML_DECODER.outputs],
+        states=[ct.StateType(wrapped_type=state, name=t.name) for t in COREML_DECODER.states],
         minimum_deployment_target=getattr(ct.target, target),
         compute_precision=ct.precision.FLOAT16,
         convert_to="mlprogram",
@@ -185,27 +193,10 @@ def compress_model(mlmodel, compress: str):
     return cto.linear_quantize_weights(mlmodel, cto.OptimizationConfig(global_config=config))
 
 
-DESCRIPTIONS = {
-    "vision_encoder": {
-        "short": "PaliGemma image encoder (SigLIP + projector): camera frame -> features for the <image> slots.",
-        "inputs": {"image": "RGB frame resized to the model's square size; SigLIP normalisation is applied inside."},
-        "outputs": {"image_features": "[1, image tokens, hidden]: pass to the decoder at prefill (unscaled, in order)."},
-    },
-    "decoder": {
-        "short": "PaliGemma decoder (Gemma) with its KV cache as Core ML state: prefill and decode in one function.",
-        "inputs": {
-            "input_ids": "[1, q] int32 token ids of this call (the prompt at prefill, the last token when decoding).",
-            "image_features": "[1, n, hidden] the vision encoder's output at prefill; any one row when decoding.",
-            "attention_mask": "[1, 1, q, end] additive: 0 attend, -1e4 blocked; end = tokens in the cache after this call.",
-        },
-        "outputs": {"logits": "[1, 1, vocab] next-token logits of the last query position."},
-    },
-}
-
-
-def describe(mlmodel, package: str, fields: dict) -> None:
-    """Descriptions, license and provenance on a package (shown in Xcode, read back by validate)."""
-    text = DESCRIPTIONS[package]
+def describe(mlmodel, package: PackageSpec, fields: dict) -> None:
+    """Descriptions (the contract's), license and provenance on a package (shown in Xcode, read
+    back by validate)."""
+    text = package.describe()
     mlmodel.short_description = text["short"]
     mlmodel.author = f"pgexport {pgexport.__version__}"
     mlmodel.license = LICENSE_NOTE
@@ -217,7 +208,7 @@ def describe(mlmodel, package: str, fields: dict) -> None:
     metadata = {
         "pgexport.version": pgexport.__version__,
         "pgexport.format": FORMAT,
-        "pgexport.package": package,
+        "pgexport.package": package.name,
         "pgexport.source": fields["source"]["checkpoint"],
         "pgexport.source_sha256": fields["source"]["sha256"] or "unknown (hub id)",
         "pgexport.compression": fields["options"]["compress"],
@@ -251,7 +242,7 @@ def prompt_layout(checkpoint, max_context: int, decoder_state_shape: list[int]) 
         "prompt_note": "input_ids of the prefill are exactly the processor's: image tokens first, then bos, the prefix and a newline.",
         "max_context": max_context,
         "state_shape": decoder_state_shape,
-        "state_layout": "[layers, 1, kv_heads, max_context, head_dim] fp16, keys in key_cache, values in value_cache",
+        "state_layout": f"[layers, 1, kv_heads, max_context, head_dim] fp16, keys in {KEY_CACHE}, values in {VALUE_CACHE}",
         "mask": {"attend": 0.0, "blocked": BLOCKED, "shape": "[1, 1, q, end]"},
         "prefill": "q = prompt length, end = q, mask all zeros (the prompt attends bidirectionally)",
         "decode": "q = 1, end = tokens so far + 1, mask all zeros (causal: it sees the past and itself)",
@@ -261,24 +252,16 @@ def prompt_layout(checkpoint, max_context: int, decoder_state_shape: list[int]) 
     }
 
 
-def to_coreml(
-    model: str | Path | None = None,
-    output: str | Path = "out-coreml",
-    *,
-    compress: str = "none",
-    target: str = "iOS18",
-    max_context: int | None = None,
-    validate: bool = True,
-    force: bool = False,
-    allow_pickle: bool = False,
-    progress: bool = True,
-) -> dict:
+def to_coreml(model: str | Path | None = None, output: str | Path = "out-coreml", config: CoremlConfig | None = None, *,
+              force: bool = False, allow_pickle: bool = False, progress: bool = True, **options) -> dict:
     """Convert `model` (folder or hub id; default the demo model) to Core ML packages at `output`.
 
-    Stages: check the request -> load -> wrapper parity against transformers (fp32 PyTorch) ->
-    convert the vision encoder and the stateful decoder (fp16) -> compress -> describe -> save
-    tokenizer, prompt layout and README -> check the saved specs -> manifest. Writes into a staging
-    folder renamed into place at the end. Raises GateFailedError (packages kept) when parity fails.
+    `config` (or its fields as keywords: `to_coreml(model, out, compress="int4")`) is a
+    CoremlConfig, the options of `pgexport coreml`. Stages: check the request -> load -> wrapper
+    parity against transformers (fp32 PyTorch) -> convert the vision encoder and the stateful
+    decoder (fp16) -> compress -> describe -> save tokenizer, prompt layout and README -> check the
+    saved specs -> manifest. Writes into a staging folder renamed into place at the end. Raises
+    GateFailedError (packages kept) when parity fails.
     """
     from pgexport.coreml import package_readme
     from pgexport.coreml.spec import check_spec
@@ -287,9 +270,10 @@ def to_coreml(
     from pgexport.output import check_output, staging_folder, temp_files_in
     from pgexport.pipeline import save_model_files, stages
 
-    output = Path(output)
+    output, config = Path(output), make(CoremlConfig, config, **options)
+    compress, target, validate = config.compress, config.target, config.validate
     check_request(compress, target)
-    max_context = check_context(load_config(model, allow_pickle=allow_pickle), max_context)  # before any work
+    max_context = check_context(load_config(model, allow_pickle=allow_pickle), config.max_context)  # before any work
     inputs = [model if model is not None else default_model()]
     check_output(output, force, inputs)
     with harmless_coremltools_logs_dropped():  # those it logs when first imported
@@ -319,22 +303,22 @@ def to_coreml(
         checkpoint.model.half()
         packages = {}
         for package in PACKAGES:
-            advance(f"converting {package}")
+            advance(f"converting {package.name}")
             t0 = time.perf_counter()
-            if package == "vision_encoder":
+            if package is COREML_VISION:
                 # Traced from an fp32 copy of the vision tower alone: coremltools 9 rejects SigLIP's
                 # layer_norm traced in fp16 (fp32 epsilon against fp16 gamma).
                 mlmodel = convert_vision_encoder(checkpoint.model, checkpoint.processor.image_processor, target)
             else:
                 mlmodel = convert_decoder(checkpoint.model, target, max_context)
-            path = staging / f"{package}.mlpackage"
+            path = staging / package.filename
             entry = {"convert_seconds": round(time.perf_counter() - t0, 1), "max_rss_gb_after_convert": max_rss_gb()}
             if compress != "none":
                 scratch = staging / ".uncompressed" / path.name
                 mlmodel.save(str(scratch))
                 entry["fp16_bytes"] = package_bytes(scratch)
                 shutil.rmtree(scratch.parent)
-                advance(f"compressing {package} ({compress})")
+                advance(f"compressing {package.name} ({compress})")
                 t0 = time.perf_counter()
                 mlmodel = compress_model(mlmodel, compress)
                 entry["compress_seconds"] = round(time.perf_counter() - t0, 1)
@@ -344,7 +328,7 @@ def to_coreml(
             entry["bytes"] = package_bytes(path)
             entry.setdefault("fp16_bytes", entry["bytes"])
             entry["ratio"] = round(entry["bytes"] / entry["fp16_bytes"], 4)
-            packages[package] = entry
+            packages[package.name] = entry
             del mlmodel
         advance("saving tokenizer, prompt layout and README")
         text = checkpoint.config.text_config

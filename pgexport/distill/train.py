@@ -19,11 +19,12 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
+from pgexport.config import DistillConfig, make
 from pgexport.distill.data import DemoTaskRows, FileRows, collate
 from pgexport.distill.loss import distill_loss, hidden_pairs
 from pgexport.distill.report import evaluate, latency_ms, write_report
@@ -36,35 +37,6 @@ from pgexport.output import check_inputs_apart, check_output, staging_folder
 FORMAT = "pgexport-distill/1"  # the student folder's manifest.json
 PROGRESS = "progress.json"
 RUN_MARK = ".pgexport-distill-run"  # in the checkpoints folder: --force may restart (remove) it
-
-
-@dataclass
-class DistillConfig:
-    """Every option that shapes the student or its training (written into report.json, and checked on --resume)."""
-
-    decoder_layers: int | None = None  # default: half the teacher's (at least 1)
-    vision_layers: int | None = None  # default: the teacher's
-    layer_map: list[int] | None = None  # teacher decoder layer of each student layer (default: every k-th)
-    vision_layer_map: list[int] | None = None
-    epochs: int = 1
-    lr: float = 5e-4
-    batch_size: int = 32  # per process
-    grad_accum: int = 1
-    temperature: float = 2.0
-    alpha: float = 0.5  # weight of the soft (teacher) term; 0: labels only
-    hidden_weight: float = 0.0
-    train_rows: int = 6400  # rows per epoch of the generated demo task (without a train file)
-    warmup: float = 0.05  # share of the steps with a linear LR warmup, then cosine to 5%
-    seed: int = 0
-    save_every: int = 0  # optimizer steps between checkpoints (0: each epoch's end only)
-    mixed_precision: str = "auto"  # auto: bf16 on a CUDA device that supports it, else fp32
-    latency_runs: int = 5
-    sources: dict = field(default_factory=dict)  # filled in: teacher, train and eval sources
-
-    def resolved_precision(self) -> str:
-        if self.mixed_precision != "auto":
-            return self.mixed_precision
-        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
 
 
 def lr_factor(step: int, steps: int, warmup: float) -> float:
@@ -178,20 +150,12 @@ def _progress_bar(enabled: bool):
     return Progress(*columns, console=Console(stderr=True), disable=not enabled)
 
 
-def distill(
-    teacher: str | Path | None = None,
-    output: str | Path = "student",
-    train: str | Path | None = None,
-    eval_file: str | Path | None = None,
-    config: DistillConfig | None = None,
-    *,
-    resume: bool = False,
-    force: bool = False,
-    stop_after: int | None = None,
-    progress: bool = True,
-) -> dict:
+def distill(teacher: str | Path | None = None, output: str | Path = "student", config: DistillConfig | None = None, *,
+            resume: bool = False, force: bool = False, stop_after: int | None = None, progress: bool = True,
+            **options) -> dict:
     """Distill `teacher` (default: the demo model) into a smaller PaliGemma saved at `output`.
 
+    `config` (or its fields as keywords) is a DistillConfig, the options of `pgexport distill`.
     `train`: JSONL split; None trains on the demo task generated on the fly. `eval_file`: held-out
     JSONL (default for the demo teacher: its eval split). Checkpoints go to `<output>.checkpoints`;
     `resume` continues from there (same options required). `stop_after` ends the run after that
@@ -203,8 +167,8 @@ def distill(
 
     from pgexport.demo import CHECKPOINT_DIR, EVAL_FILE, load_split
 
-    config = DistillConfig(**asdict(config)) if config else DistillConfig()
-    output = Path(output)
+    config = DistillConfig(**asdict(make(DistillConfig, config, **options)))  # a copy: `sources` is filled in
+    train, eval_file, output = config.train, config.eval_file, Path(output)
     # Without CUDA, cpu=True is what makes accelerate treat a torchrun / `accelerate launch` group of
     # processes as one data-parallel CPU job (gloo) rather than N independent runs.
     accelerator = Accelerator(mixed_precision=config.resolved_precision(), cpu=not torch.cuda.is_available())

@@ -2,10 +2,10 @@
 that makes, and what they weigh.
 
 A *variant* is one precision per graph, e.g. {"vision_encoder": "int8", "embed_tokens": "q4",
-"decoder_model_merged": "q4"}; its files are `onnx/<graph><suffix>.onnx` (runtime.DTYPE_SUFFIX,
+"decoder_model_merged": "q4"}; its files are `onnx/<graph><suffix>.onnx` (contract.DTYPE_SUFFIX,
 transformers.js naming), each made once from the fp32 graph of the same artifact by
 `quantize_graph`, whatever the number of variants that use it. A variant is named after its
-lowest precision (PRECISION_ORDER), which also picks its parity thresholds (validate.THRESHOLDS);
+lowest precision (the last in config.PRECISIONS), which also picks its parity thresholds (validate.THRESHOLDS);
 the manifest records each variant's per-graph map under "variants" and the runtime loads it
 from there (transformers.js takes the same map as its per-graph `dtype`).
 
@@ -17,56 +17,24 @@ GatherBlockQuantized for the table; fp16 = fp16.py.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from pgexport.config import EMBED_PRECISIONS, PRECISIONS, QuantizeOptions
+from pgexport.config import METHODS as METHOD_OPTIONS
+from pgexport.contract import DECODER, EMBED, GRAPH_NAMES, GRAPHS, VISION, graph_path
 from pgexport.errors import BadInputError, UnsupportedError, import_optional
-from pgexport.runtime import DTYPE_SUFFIX, GRAPHS, graph_path
 
 # CLI option -> graph
-GRAPH_OPTIONS = {"vision": "vision_encoder", "embed": "embed_tokens", "decoder": "decoder_model_merged"}
-PRECISION_ORDER = ("fp32", "fp16", "int8", "int8-static", "q4")  # a variant is named after its last
-ALLOWED = {
-    "vision_encoder": ("fp32", "fp16", "int8", "int8-static", "q4"),
-    "embed_tokens": ("fp32", "fp16", "int8", "q4"),  # a Gather: nothing to calibrate
-    "decoder_model_merged": ("fp32", "fp16", "int8", "int8-static", "q4"),
-}
-# What a whole-artifact method means per graph. int8 leaves the table in fp32 (the --int8 of
-# the first release; --embed int8 adds it), q4 and fp16 take every graph.
-METHODS = {
-    "int8": {"vision_encoder": "int8", "decoder_model_merged": "int8"},
-    "int8-static": {"vision_encoder": "int8-static", "decoder_model_merged": "int8-static"},
-    "q4": {graph: "q4" for graph in GRAPHS},
-    "fp16": {graph: "fp16" for graph in GRAPHS},
-}
-INT4_METHODS = ("rtn", "hqq")
-
-
-@dataclass(frozen=True)
-class QuantizeOptions:
-    """How graphs are quantized (recorded in the manifest)."""
-
-    int4_method: str = "rtn"  # rtn | hqq
-    block_size: int = 32  # MatMulNBits / GatherBlockQuantized block, along K / the hidden axis
-    # MatMulNBits accuracy_level 4: int8 compute, onnxruntime's fast CPU path (3B decode 0.056 s/token
-    # against 0.29 s at level 0, benchmarks/results/bench_3b-q4acc4_cpu.md); the demo's answers are unchanged.
-    accuracy_level: int | None = 4
-    calibration: str | None = None  # int8-static: folder or JSONL of images + prompts (None: demo samples)
-    accuracy_target: float | None = None  # int8-static: accuracy-aware tuning to this share of fp32's metric
-    optimize: bool = False  # fuse norms and GELU (optimize.py) before quantizing, parity-checked
-
-    def check(self) -> QuantizeOptions:
-        if self.int4_method not in INT4_METHODS:
-            raise BadInputError(f"unknown int4 method {self.int4_method!r}: choose from {', '.join(INT4_METHODS)}")
-        if self.block_size < 16 or self.block_size & (self.block_size - 1):
-            raise BadInputError(f"block size {self.block_size}: must be a power of two, 16 or more")
-        if self.accuracy_target is not None and not 0 < self.accuracy_target <= 1:
-            raise BadInputError(f"accuracy target {self.accuracy_target}: a share of the fp32 metric, in (0, 1]")
-        return self
+GRAPH_OPTIONS = {spec.option: spec.name for spec in GRAPHS}
+ALLOWED = {VISION.name: PRECISIONS, EMBED.name: EMBED_PRECISIONS, DECODER.name: PRECISIONS}
+# What a whole-artifact method means per graph (config.METHODS, by graph name).
+METHODS = {method: {GRAPH_OPTIONS[key]: precision for key, precision in graphs.items()}
+           for method, graphs in METHOD_OPTIONS.items()}
 
 
 def variant_name(graphs: dict[str, str]) -> str:
-    return max(graphs.values(), key=PRECISION_ORDER.index, default="fp32")
+    """A variant is named after its lowest precision (the last in config.PRECISIONS)."""
+    return max(graphs.values(), key=PRECISIONS.index, default="fp32")
 
 
 def plan_variants(methods=(), overrides: dict[str, str | None] | None = None) -> dict[str, dict[str, str]]:
@@ -87,7 +55,7 @@ def plan_variants(methods=(), overrides: dict[str, str | None] | None = None) ->
     variants = {}
     for base in bases:
         graphs = {**base, **{GRAPH_OPTIONS.get(k, k): v for k, v in overrides.items()}}
-        graphs = {g: graphs[g] for g in GRAPHS if graphs.get(g, "fp32") != "fp32"}
+        graphs = {g: graphs[g] for g in GRAPH_NAMES if graphs.get(g, "fp32") != "fp32"}
         if not graphs:
             continue
         name = variant_name(graphs)
@@ -107,7 +75,7 @@ def quantize_graph(folder: Path, graph: str, precision: str, options: QuantizeOp
     """Make `onnx/<graph><suffix>.onnx` of `folder` from its fp32 graph; returns the method's info."""
     src, dst = graph_path(folder, graph, "fp32"), graph_path(folder, graph, precision)
     fresh_target(dst)
-    if options.optimize and graph != "embed_tokens":
+    if options.optimize and graph != EMBED.name:
         from pgexport.quantize.optimize import optimize_graph
 
         fused = src.with_name(f".{graph}_optimized.onnx")
@@ -132,7 +100,7 @@ def fresh_target(path: Path) -> None:
 
 def _quantize_file(folder: Path, graph: str, precision: str, src: Path, dst: Path, options: QuantizeOptions,
                    progress: bool, evaluate) -> dict:
-    if graph == "embed_tokens" and precision in ("int8", "q4"):
+    if graph == EMBED.name and precision in ("int8", "q4"):
         from pgexport.quantize.embed import quantize_embedding
 
         bits = 8 if precision == "int8" else 4
@@ -187,19 +155,15 @@ def graph_bytes(folder: Path, graph: str, precision: str) -> int:
 
 def size_report(folder: Path, variants: dict[str, dict[str, str]]) -> dict:
     """Bytes per graph and in total for fp32 and each variant, and each total's ratio to fp32."""
-    fp32 = {graph: graph_bytes(folder, graph, "fp32") for graph in GRAPHS}
+    fp32 = {graph: graph_bytes(folder, graph, "fp32") for graph in GRAPH_NAMES}
     report = {"fp32": {"graphs": fp32, "total": sum(fp32.values()), "ratio": 1.0}}
     for name, graphs in variants.items():
-        sizes = {graph: graph_bytes(folder, graph, graphs.get(graph, "fp32")) for graph in GRAPHS}
+        sizes = {graph: graph_bytes(folder, graph, graphs.get(graph, "fp32")) for graph in GRAPH_NAMES}
         total = sum(sizes.values())
-        report[name] = {"graphs": sizes, "precisions": {g: graphs.get(g, "fp32") for g in GRAPHS},
+        report[name] = {"graphs": sizes, "precisions": {g: graphs.get(g, "fp32") for g in GRAPH_NAMES},
                         "total": total, "ratio": round(total / report["fp32"]["total"], 4)}
     return report
 
 
-def options_record(options: QuantizeOptions) -> dict:
-    return asdict(options)
-
-
-__all__ = ["ALLOWED", "DTYPE_SUFFIX", "GRAPH_OPTIONS", "METHODS", "QuantizeOptions", "plan_variants",
+__all__ = ["ALLOWED", "GRAPH_OPTIONS", "METHODS", "QuantizeOptions", "plan_variants",
            "quantize_graph", "quantize_variants", "size_report", "variant_name"]
