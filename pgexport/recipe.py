@@ -1,15 +1,20 @@
 """Build recipes: the typed schema of `pgexport build RECIPE.yaml`, validated before any work.
 
-A recipe is serialized dataclasses (one surface: the YAML keys are the field names, the same as
-the Python API's and the CLI's option names). Every error names the key and the allowed values.
+A recipe is serialized dataclasses: each stage is `stage` (its kind), `name` (its folder in the
+build, default the kind), where it reads from (`input` or `artifacts`), and the fields of the
+kind's config (pgexport.config: the same names, defaults and ranges as the CLI's options and the
+Python API's keywords). Every error names the key and the allowed values.
 
     checkpoint: null              # local folder or hub id; null: the demo model in the package
     allow_pickle: false
     output: out/build             # `pgexport build -o` overrides it
-    stages:                       # run in this order; `name` is the stage's folder (default: its kind)
-      - {stage: onnx}                          # fp32 graphs
-      - {stage: onnx, name: onnx-int8, int8: true}
-      - {stage: validate}                      # parity of every artifact above, against PyTorch
+    stages:                       # run in this order
+      - {stage: onnx, validate: false}                        # fp32 graphs of the checkpoint
+      - {stage: quantize, name: q4, input: onnx, methods: [q4], validate: false}
+      - {stage: coreml, name: coreml-int4, compress: int4}
+      - {stage: distill, name: student, epochs: 1}            # a smaller checkpoint
+      - {stage: onnx, name: student-onnx, input: student, int8: true}
+      - {stage: validate}                      # parity of every ONNX artifact above, against its checkpoint
       - {stage: bench, batches: [1]}           # latency on this machine
       - {stage: verify}                        # every file of the build against manifest.json
     gates:
@@ -17,10 +22,14 @@ the Python API's and the CLI's option names). Every error names the key and the 
       parity: {int8: {min_token_agreement: 0.75}}   # per dtype; unset fields keep pgexport's defaults
       max_per_token_ms: 50                     # and max_ttft_ms: medians, every benchmarked row
 
-Every number has a sane range (RANGES; NaN and infinities are in none), and YAML anchors and
-aliases are refused: a recipe never needs them, and a few hundred bytes of nested aliases expand to
-gigabytes. A new stage kind is one dataclass here, one entry in STAGES, and one function in
-pgexport.build.
+`input`: onnx, coreml and distill read a checkpoint (the recipe's, or a distill stage's student);
+quantize reads an ONNX artifact (default: the nearest onnx or quantize stage before it).
+`artifacts`: the stages validate and bench measure (default: every ONNX artifact before them).
+
+Every number has a sane range (its field's `bounds`; NaN and infinities are in none), and YAML
+anchors and aliases are refused: a recipe never needs them, and a few hundred bytes of nested
+aliases expand to gigabytes. A new stage kind is one config in pgexport.config, one entry in
+STAGES, and one runner in pgexport.build.runners.
 """
 
 from __future__ import annotations
@@ -35,32 +44,17 @@ from pathlib import Path
 
 import yaml
 
-from pgexport.errors import BadInputError
-from pgexport.exporters.onnx import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
+from pgexport.config import (
+    BenchConfig, CoremlConfig, DistillConfig, ExportConfig, QuantizeConfig, ValidateConfig, VerifyConfig, in_bounds, option,
+    option_fields, options_of, shown_bounds,
+)
+from pgexport.config import check as check_config
+from pgexport.errors import BadInputError, UnsupportedError
 
 NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
 RESERVED_NAMES = {"stages", "manifest.json"}  # the build folder's own entries
 MAX_RECIPE_BYTES = 1 << 20
 MAX_DEPTH = 16  # of nested lists and mappings (a recipe needs 4)
-
-# Every number a recipe sets -> its inclusive range; NaN and infinities are in none. Generous: they
-# refuse typos (runs: 1000000000000) and gates that can never fail, not unusual builds. The opset's
-# range is what the exporter supports (OnnxStage.check).
-RANGES = {
-    "batches": (1, 64),  # each
-    "prompt_tokens": (1, 4096),
-    "new_tokens": (2, 4096),  # the first token comes from prefill: at least one decode step
-    "warmup": (0, 100),
-    "runs": (1, 1000),
-    "threads": (1, 1024),
-    "max_total_bytes": (1, 10**13),
-    "max_ttft_ms": (0, 3_600_000),
-    "max_per_token_ms": (0, 3_600_000),
-    "max_rel_diff": (0, 1),  # of the reference logit range
-    "min_cosine": (-1, 1),
-    "min_token_agreement": (0, 1),
-    "max_exact_match_drop": (0, 100),  # points
-}
 
 
 class RecipeError(BadInputError):
@@ -82,17 +76,6 @@ def _key(key) -> str:
     return str(key) if len(str(key)) <= 40 else shown(key)
 
 
-def in_range(value, key: str) -> bool:
-    """Whether `value` is a number (not a bool) within RANGES[key]; NaN never is."""
-    least, most = RANGES[key]
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and least <= value <= most
-
-
-def _allowed(key: str) -> str:
-    least, most = RANGES[key]
-    return f"{least:g}..{most:g}"
-
-
 class RecipeLoader(yaml.SafeLoader):
     """yaml.safe_load without anchors and aliases, and at most MAX_DEPTH levels deep."""
 
@@ -112,81 +95,65 @@ class RecipeLoader(yaml.SafeLoader):
             self.depth -= 1
 
 
-@dataclass(frozen=True)
-class OnnxStage:
-    """Export the checkpoint to an ONNX artifact folder (`pgexport onnx`; its gate runs in `validate`)."""
-
-    name: str = "onnx"
-    int8: bool = False
-    opset: int = DEFAULT_OPSET
-
-    def check(self, where: str) -> None:
-        if not MIN_OPSET <= self.opset <= MAX_OPSET:
-            raise RecipeError(f"{where}.opset: {self.opset} is not supported; allowed: {MIN_OPSET}..{MAX_OPSET}")
+# kind -> config. The one name -> thing map; pgexport.build.runners runs each kind (tests cover every entry).
+STAGES = {"onnx": ExportConfig, "quantize": QuantizeConfig, "coreml": CoremlConfig, "distill": DistillConfig,
+          "validate": ValidateConfig, "bench": BenchConfig, "verify": VerifyConfig}
+CHECKPOINT_READERS = ("onnx", "coreml", "distill")  # `input`: the recipe's checkpoint or a distill stage
+ARTIFACT_READERS = ("quantize",)  # `input`: an ONNX artifact stage
+CHECKS = ("validate", "bench")  # `artifacts`: the stages they measure
+ONNX_ARTIFACTS = ("onnx", "quantize")  # stages whose output is an ONNX artifact
+ARTIFACTS = (*ONNX_ARTIFACTS, "coreml", "distill")  # stages whose output is a folder another stage reads
 
 
 @dataclass(frozen=True)
-class ValidateStage:
-    """Parity of artifacts against the PyTorch checkpoint, with the recipe's parity gates."""
+class Stage:
+    """One stage of a recipe: its kind, its folder name, where it reads from, and its config."""
 
-    name: str = "validate"
-    artifacts: tuple[str, ...] = ()  # stage names; empty: every artifact stage before this one
-    eval_file: str | None = None  # JSONL of held-out rows (the demo model uses its own split)
+    kind: str
+    name: str
+    config: object
+    input: str | None = None  # CHECKPOINT_READERS: a distill stage (None: the recipe's checkpoint); quantize: an ONNX artifact stage
+    artifacts: tuple[str, ...] = ()  # CHECKS: the stages measured (empty: every ONNX artifact stage before)
 
-
-@dataclass(frozen=True)
-class BenchStage:
-    """Latency of artifacts on this machine (pgexport.bench.bench); cached per machine, not across machines."""
-
-    name: str = "bench"
-    artifacts: tuple[str, ...] = ()  # stage names; empty: every artifact stage before this one
-    batches: tuple[int, ...] = (1,)
-    prompt_tokens: int = 10
-    new_tokens: int = 16
-    warmup: int = 1
-    runs: int = 3
-    threads: int | None = None  # default: every usable CPU
-
-    def check(self, where: str) -> None:
-        sizes = list(self.batches)
-        if not sizes or not all(in_range(size, "batches") for size in sizes) or len(set(sizes)) < len(sizes):
-            raise RecipeError(
-                f"{where}.batches: {shown(sizes)}; allowed: a list of batch sizes, each {_allowed('batches')}, none repeated"
-            )
+    def to_dict(self) -> dict:
+        """The stage as a recipe writes it, every default filled in."""
+        entry = {"stage": self.kind, "name": self.name}
+        if self.kind not in CHECKS and self.kind != "verify":
+            entry["input"] = self.input
+        if self.kind in CHECKS:
+            entry["artifacts"] = list(self.artifacts)
+        return {**entry, **options_of(self.config)}
 
 
-@dataclass(frozen=True)
-class VerifyStage:
-    """Every file of the build folder against the top-level manifest.json. Never cached: it is the check."""
-
-    name: str = "verify"
-
-
-# kind -> options. The one name -> thing map; pgexport.build runs each kind (tests cover every entry).
-STAGES = {"onnx": OnnxStage, "validate": ValidateStage, "bench": BenchStage, "verify": VerifyStage}
-Stage = typing.Union[tuple(STAGES.values())]
-ARTIFACT_STAGES = (OnnxStage,)  # stages whose output is an artifact folder
-CHECK_STAGES = (ValidateStage, BenchStage)  # stages that measure artifact stages (their `artifacts`)
+def stage(kind: str, name: str | None = None, input: str | None = None, artifacts=(), **options) -> Stage:
+    """A Stage from Python: `stage("quantize", "q4", input="onnx", methods=("q4",))`."""
+    return Stage(kind, name or kind, STAGES[kind](**options), input, tuple(artifacts))
 
 
 @dataclass(frozen=True)
 class ParityGate:
     """Overrides of one dtype's parity thresholds (pgexport.validate.Thresholds); None keeps the default."""
 
-    max_rel_diff: float | None = None
-    min_cosine: float | None = None
-    min_token_agreement: float | None = None
-    max_exact_match_drop: float | None = None  # in points (0..100)
+    max_rel_diff: float | None = option(None, "max |logit difference| over the reference range", bounds=(0, 1))
+    min_cosine: float | None = option(None, "least logit cosine", bounds=(-1, 1))
+    min_token_agreement: float | None = option(None, "least greedy-token agreement", bounds=(0, 1))
+    max_exact_match_drop: float | None = option(None, "most held-out exact-match drop, in points", bounds=(0, 100))
 
 
 @dataclass(frozen=True)
 class Gates:
     """What a build must meet to exit 0."""
 
-    max_total_bytes: int | None = None  # every file the build folder lists
+    max_total_bytes: int | None = option(None, "every file the build folder lists", bounds=(1, 10**13))
     parity: dict[str, ParityGate] = field(default_factory=dict)  # dtype -> thresholds (validate stage)
-    max_ttft_ms: float | None = None  # median time to first token, every benchmarked row (bench stage)
-    max_per_token_ms: float | None = None  # median time per output token, every benchmarked row (bench stage)
+    max_ttft_ms: float | None = option(None, "median time to first token, every benchmarked row (bench stage)",
+                                       bounds=(0, 3_600_000))
+    max_per_token_ms: float | None = option(None, "median time per output token, every benchmarked row (bench stage)",
+                                            bounds=(0, 3_600_000))
+
+
+DEFAULT_STAGES = (Stage("onnx", "onnx", ExportConfig(validate=False)), Stage("validate", "validate", ValidateConfig()),
+                  Stage("verify", "verify", VerifyConfig()))
 
 
 @dataclass(frozen=True)
@@ -194,18 +161,16 @@ class Recipe:
     checkpoint: str | None = None
     allow_pickle: bool = False
     output: str = "out/build"
-    stages: tuple[Stage, ...] = (OnnxStage(), ValidateStage(), VerifyStage())
+    stages: tuple[Stage, ...] = DEFAULT_STAGES
     gates: Gates = field(default_factory=Gates)
 
     def to_dict(self) -> dict:
         """The resolved recipe, every default filled in: written into the build manifest."""
-        data = dataclasses.asdict(self)
-        data["stages"] = [{"stage": kind_of(stage), **dataclasses.asdict(stage)} for stage in self.stages]
-        return data
+        return {"checkpoint": self.checkpoint, "allow_pickle": self.allow_pickle, "output": self.output,
+                "stages": [stage.to_dict() for stage in self.stages], "gates": dataclasses.asdict(self.gates)}
 
-
-def kind_of(stage) -> str:
-    return next(kind for kind, cls in STAGES.items() if isinstance(stage, cls))
+    def named(self, name: str) -> Stage:
+        return next(stage for stage in self.stages if stage.name == name)
 
 
 def load_recipe(source: str | Path | dict | Recipe) -> Recipe:
@@ -237,10 +202,12 @@ def _yaml_problem(error: yaml.YAMLError) -> str:
 
 
 def check_recipe(recipe: Recipe) -> Recipe:
-    """Cross-field rules: unique names, stage order, gates that have a stage to decide them."""
+    """Cross-field rules: unique names, what each stage reads exists before it, gates that have a
+    stage to decide them."""
     from pgexport.validate import THRESHOLDS
 
-    names, artifacts = set(), []
+    kinds: dict[str, str] = {}  # name -> kind, of the stages so far
+    resolved = list(recipe.stages)
     if not recipe.stages:
         raise RecipeError(f"stages: empty; allowed stages: {', '.join(STAGES)}")
     for index, stage in enumerate(recipe.stages):
@@ -250,92 +217,121 @@ def check_recipe(recipe: Recipe) -> Recipe:
                 f"{where}.name: {shown(stage.name)} is not a folder name pgexport can use "
                 f"(lowercase letters, digits, '_', '-', '.'; not {', '.join(sorted(RESERVED_NAMES))})"
             )
-        if stage.name in names:
+        if stage.name in kinds:
             raise RecipeError(f"{where}.name: {shown(stage.name)} is used twice; each stage needs its own name")
-        names.add(stage.name)
-        if hasattr(stage, "check"):
-            stage.check(where)
-        _check_numbers(stage, where)
-        if isinstance(stage, CHECK_STAGES):
-            if not artifacts:
-                raise RecipeError(
-                    f"{where}: {kind_of(stage)} needs an artifact stage ({', '.join(_artifact_kinds())}) before it"
-                )
-            unknown = [name for name in stage.artifacts if name not in artifacts]
-            if unknown:
-                raise RecipeError(f"{where}.artifacts: {unknown} are not artifact stages before it; allowed: {artifacts}")
-        if isinstance(stage, VerifyStage) and index != len(recipe.stages) - 1:
+        _check_config(stage.config, where)
+        _check_reads(stage, kinds, where)
+        if stage.kind in ARTIFACT_READERS and stage.input is None:  # the nearest ONNX artifact before it
+            stage = dataclasses.replace(stage, input=[n for n, k in kinds.items() if k in ONNX_ARTIFACTS][-1])
+            resolved[index] = stage
+        if stage.kind == "verify" and index != len(recipe.stages) - 1:
             raise RecipeError(f"{where}: verify checks the finished build folder, so it must be the last stage")
-        if isinstance(stage, ARTIFACT_STAGES):
-            artifacts.append(stage.name)
+        kinds[stage.name] = stage.kind
     for dtype, gate in recipe.gates.parity.items():
         if dtype not in THRESHOLDS:
             raise RecipeError(f"gates.parity.{_key(dtype)}: unknown dtype; allowed: {', '.join(THRESHOLDS)}")
-        _check_numbers(gate, f"gates.parity.{dtype}")
-    _check_numbers(recipe.gates, "gates")
-    needs = {"parity": (ValidateStage, "validate"), "max_ttft_ms": (BenchStage, "bench"),
-             "max_per_token_ms": (BenchStage, "bench")}
-    for key, (cls, kind) in needs.items():
-        if getattr(recipe.gates, key) and not any(isinstance(s, cls) for s in recipe.stages):
+        _check_config(gate, f"gates.parity.{dtype}")
+    _check_config(recipe.gates, "gates")
+    needs = {"parity": "validate", "max_ttft_ms": "bench", "max_per_token_ms": "bench"}
+    for key, kind in needs.items():
+        if getattr(recipe.gates, key) and not any(s.kind == kind for s in recipe.stages):
             raise RecipeError(f"gates.{key}: no {kind} stage measures it; add {{stage: {kind}}} to stages")
-    return recipe
+    return dataclasses.replace(recipe, stages=tuple(resolved))
 
 
-def _check_numbers(options, where: str) -> None:
-    """Each set number field of one dataclass (a stage, the gates, a parity gate) within RANGES."""
+def _check_reads(stage: Stage, kinds: dict[str, str], where: str) -> None:
+    """`input` and `artifacts` name earlier stages of the right kind."""
+    before = lambda allowed: [name for name, kind in kinds.items() if kind in allowed]  # noqa: E731
+    if stage.kind in CHECKPOINT_READERS and stage.input is not None and kinds.get(stage.input) != "distill":
+        raise RecipeError(f"{where}.input: {shown(stage.input)} is not a distill stage before it; allowed: "
+                          f"{before(('distill',)) or 'none'} (or leave it out: the recipe's checkpoint)")
+    if stage.kind in ARTIFACT_READERS:
+        if not before(ONNX_ARTIFACTS):
+            raise RecipeError(f"{where}: {stage.kind} needs an ONNX artifact stage ({', '.join(ONNX_ARTIFACTS)}) before it")
+        if stage.input is not None and kinds.get(stage.input) not in ONNX_ARTIFACTS:
+            raise RecipeError(f"{where}.input: {shown(stage.input)} is not an ONNX artifact stage before it; "
+                              f"allowed: {before(ONNX_ARTIFACTS)}")
+    if stage.kind in CHECKS:
+        allowed = before(ONNX_ARTIFACTS + (("coreml",) if stage.kind == "validate" else ()))
+        if not before(ONNX_ARTIFACTS) and not stage.artifacts:
+            raise RecipeError(f"{where}: {stage.kind} needs an artifact stage ({', '.join(ONNX_ARTIFACTS)}) before it")
+        unknown = [name for name in stage.artifacts if name not in allowed]
+        if unknown:
+            raise RecipeError(f"{where}.artifacts: {unknown} are not artifact stages before it; allowed: {allowed}")
+
+
+def _check_config(options, where: str) -> None:
+    """Choices and ranges of one dataclass (a stage's config, the gates, a parity gate)."""
     for f in dataclasses.fields(options):
-        value = getattr(options, f.name)
-        if f.name in RANGES and value is not None and not isinstance(value, tuple) and not in_range(value, f.name):
-            raise RecipeError(f"{where}.{f.name}: {shown(value)} is out of range {_allowed(f.name)}")
+        value, bounds = getattr(options, f.name), f.metadata.get("bounds")
+        values = value if isinstance(value, (tuple, list)) else (value,)
+        if bounds and any(item is not None and not in_bounds(item, bounds) for item in values):
+            raise RecipeError(f"{where}.{f.name}: {shown(list(value) if isinstance(value, tuple) else value)} "
+                              f"is out of range {shown_bounds(bounds)}")
+    try:
+        check_config(options)
+    except BadInputError as error:
+        raise RecipeError(f"{where}: {error}") from None
 
 
-def _artifact_kinds() -> list[str]:
-    return [kind for kind, cls in STAGES.items() if cls in ARTIFACT_STAGES]
-
-
-def _build(cls, data, where: str):
+def _build(cls, data, where: str, exclude: tuple[str, ...] = ()):
     """`cls(**data)` with every key and value checked against the dataclass's field types."""
+    allowed = [f.name for f in dataclasses.fields(cls) if not f.metadata.get("internal") and f.name not in exclude]
     if not isinstance(data, dict):
-        fields = ", ".join(f.name for f in dataclasses.fields(cls))
-        raise RecipeError(f"{where or 'recipe'}: expected a mapping of {fields}, got {shown(data)}")
+        raise RecipeError(f"{where or 'recipe'}: expected a mapping of {', '.join(allowed)}, got {shown(data)}")
     hints = typing.get_type_hints(cls)
-    allowed = [f.name for f in dataclasses.fields(cls)]
     for key in data:
         if key not in allowed:
             hint = "; latency gates are max_ttft_ms and max_per_token_ms" if cls is Gates and "latency" in str(key) else ""
             raise RecipeError(f"{where or 'recipe'}: unknown key {shown(key)}; allowed: {', '.join(allowed)}{hint}")
-    return cls(**{key: _value(hints[key], value, f"{where}.{key}".lstrip(".")) for key, value in data.items()})
+    values = {key: _value(hints[key], value, f"{where}.{key}".lstrip(".")) for key, value in data.items()}
+    try:
+        return cls(**values)
+    except (BadInputError, UnsupportedError) as error:  # a rule across fields (a block size that is not a power of two)
+        raise RecipeError(f"{where or 'recipe'}: {error}") from None
 
 
-def _stage(data, where: str):
+def _stage(data, where: str) -> Stage:
     if not isinstance(data, dict) or "stage" not in data:
         raise RecipeError(f"{where}: expected a mapping with a 'stage' key; allowed stages: {', '.join(STAGES)}")
     kind = data["stage"]
     if not isinstance(kind, str) or kind not in STAGES:
         raise RecipeError(f"{where}.stage: unknown stage {shown(kind)}; allowed: {', '.join(STAGES)}")
-    options = {key: value for key, value in data.items() if key != "stage"}
-    options.setdefault("name", kind)
-    return _build(STAGES[kind], options, where)
+    reads = ("artifacts",) if kind in CHECKS else () if kind == "verify" else ("input",)
+    options = {key: value for key, value in data.items() if key not in ("stage", "name", *reads)}
+    known = {f.name for f in dataclasses.fields(STAGES[kind])}
+    unknown = [key for key in options if key not in known]
+    if unknown:
+        allowed = ["name", *reads, *(f.name for f in option_fields(STAGES[kind]))]
+        raise RecipeError(f"{where}: unknown key {shown(unknown[0])}; allowed: {', '.join(allowed)}")
+    name = _value(str, data.get("name", kind), f"{where}.name")
+    source = data.get("input")
+    if source is not None:
+        source = _value(str, source, f"{where}.input")
+    artifacts = _value(tuple[str, ...], data.get("artifacts", []), f"{where}.artifacts")
+    return Stage(kind, name, _build(STAGES[kind], options, where), source, artifacts)
 
 
 def _value(hint, value, where: str):
-    """Check one value against a field's type hint and convert lists to tuples."""
+    """Check one value against a field's type hint and convert lists to tuples (for tuple fields)."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
         if type(None) in args and value is None:
             return None
         options = [arg for arg in args if arg is not type(None)]
-        if all(dataclasses.is_dataclass(arg) for arg in options):  # the stage union
+        if options == [Stage]:
             return _stage(value, where)
         return _value(options[0], value, where)
-    if origin is tuple:
+    if hint is Stage:
+        return _stage(value, where)
+    if origin in (tuple, list):
         if not isinstance(value, list):
             raise RecipeError(f"{where}: expected a list, got {shown(value)}")
-        return tuple(_value(args[0], item, f"{where}[{index}]") for index, item in enumerate(value))
-    if origin is dict:
+        return origin(_value(args[0], item, f"{where}[{index}]") for index, item in enumerate(value))
+    if origin is dict or hint is dict:
         if not isinstance(value, dict):
             raise RecipeError(f"{where}: expected a mapping, got {shown(value)}")
-        return {str(key): _value(args[1], item, f"{where}.{_key(key)}") for key, item in value.items()}
+        return {str(key): _value(args[1], item, f"{where}.{_key(key)}") for key, item in value.items()} if args else value
     if dataclasses.is_dataclass(hint):
         return _build(hint, value, where)
     expected = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[hint]

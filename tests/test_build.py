@@ -16,7 +16,8 @@ from pgexport.build import build
 from pgexport.cli import main
 from pgexport.errors import BadInputError, GateFailedError
 from pgexport.manifest import read_manifest, verify
-from pgexport.recipe import STAGES, RecipeError, kind_of, load_recipe
+from pgexport.config import ExportConfig, options_of
+from pgexport.recipe import STAGES, RecipeError, load_recipe
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "recipes"
 BENCH = {"stage": "bench", "batches": [1], "warmup": 1, "runs": 1, "new_tokens": 4}  # seconds on a tiny model
@@ -26,7 +27,7 @@ BENCH = {"stage": "bench", "batches": [1], "warmup": 1, "runs": 1, "new_tokens":
 def recipe(checkpoint_factory):
     return {
         "checkpoint": str(checkpoint_factory("tiny-pg1")),
-        "stages": [{"stage": "onnx", "int8": True}, {"stage": "validate"}, {"stage": "verify"}],
+        "stages": [{"stage": "onnx", "int8": True, "validate": False}, {"stage": "validate"}, {"stage": "verify"}],
         "gates": {"max_total_bytes": 100_000_000, "parity": {"int8": {"min_token_agreement": 0.25}}},
     }
 
@@ -46,8 +47,8 @@ def write_recipe(path: Path, recipe: dict) -> Path:
     return path
 
 
-def test_every_stage_kind_is_exercised(recipe):
-    assert {kind_of(stage) for stage in load_recipe(recipe).stages} | {BENCH["stage"]} == set(STAGES)
+def test_every_stage_kind_is_exercised(every_kind):
+    assert {stage.kind for stage in load_recipe(every_kind).stages} == set(STAGES)
 
 
 def test_example_recipes_are_valid():
@@ -66,7 +67,7 @@ def test_recipe_builds(built):
     assert manifest["format"] == "pgexport-build/1"
     graph = manifest["files"]["onnx/onnx/decoder_model_merged_int8.onnx"]
     assert graph["stage"] == "onnx" and len(graph["sha256"]) == 64 and graph["bytes"] > 0
-    assert manifest["stages"]["onnx"]["options"] == {"int8": True, "opset": 18}
+    assert manifest["stages"]["onnx"]["options"] == options_of(ExportConfig(int8=True, validate=False))
     assert manifest["stages"]["onnx"]["versions"]["onnxruntime"]
     assert set(manifest["parity"]["onnx"]["hops"]) == {"fp32", "int8"}
     assert manifest["parity"]["onnx"]["hops"]["int8"]["thresholds"]["min_token_agreement"] == 0.25
@@ -94,28 +95,86 @@ def test_force_redoes_every_stage_with_identical_onnx_bytes(built, recipe, tmp_p
     assert {name: before[name]["sha256"] for name in graphs} == {name: after[name]["sha256"] for name in graphs}
 
 
-def test_killed_run_never_leaves_a_stage_finished(recipe, tmp_path):
-    out = tmp_path / "out"
-    path = write_recipe(tmp_path / "r.yaml", recipe)
-    command = [sys.executable, "-m", "pgexport.cli", "build", str(path), "-o", str(out), "--json"]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+@pytest.fixture(scope="module")
+def every_kind(checkpoint_factory, tmp_path_factory):
+    """One stage of every kind, sized to take seconds on a tiny checkpoint (the student trains on 8
+    rows of the demo split and is scored on 4 others)."""
+    from pgexport.demo import EVAL_FILE
+
+    folder = tmp_path_factory.mktemp("rows")
+    rows = [json.loads(line) for line in EVAL_FILE.read_text().splitlines()[:12]]
+    for row in rows:
+        row["image"] = str(EVAL_FILE.parent / row["image"])
+    for name, part in (("train.jsonl", rows[:8]), ("eval.jsonl", rows[8:])):
+        (folder / name).write_text("".join(json.dumps(row) + "\n" for row in part))
+    return {
+        "checkpoint": str(checkpoint_factory("tiny-pg1")),
+        "stages": [
+            {"stage": "onnx", "validate": False},
+            {"stage": "quantize", "name": "q4", "methods": ["q4"], "validate": False},
+            {"stage": "coreml", "max_context": 32, "validate": False},
+            {"stage": "distill", "name": "student", "train": str(folder / "train.jsonl"),
+             "eval_file": str(folder / "eval.jsonl"), "batch_size": 4, "latency_runs": 1},
+            {"stage": "onnx", "name": "student-onnx", "input": "student", "validate": False},
+            {"stage": "validate", "artifacts": ["onnx", "q4", "student-onnx", "coreml"]},
+            {**BENCH, "artifacts": ["q4"]},
+            {"stage": "verify"},
+        ],
+        "gates": {"parity": {"q4": {"min_token_agreement": 0.0, "min_cosine": 0.5, "max_exact_match_drop": 100}}},
+    }
+
+
+def _kill_during(path: Path, out: Path, name: str, kind: str) -> None:
+    """Run the build in a process and SIGKILL it while stage `name` runs: once its staging folder
+    (or a distill run's checkpoints) exists, or, for stages that write only at their end, a moment
+    after it started."""
+    command = [sys.executable, "-m", "pgexport.cli", "build", str(path), "-o", str(out)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 180
-        while not list(out.glob(".onnx.partial-*/onnx")):  # the export is under way
-            assert process.poll() is None and time.monotonic() < deadline, "build ended before the export started"
-            time.sleep(0.05)
+        for line in process.stderr:
+            if f"{name} ({kind}): running" in line:
+                break
+        else:
+            pytest.fail(f"the build ended before {name} started")
+        deadline = time.monotonic() + (1.0 if kind in ("validate", "bench") else 300)
+        while time.monotonic() < deadline:
+            if list(out.glob(f".{name}.partial-*")) or (out / f"{name}.checkpoints").is_dir():
+                break
+            assert process.poll() is None, f"the build ended while {name} ran"
+            time.sleep(0.02)
     finally:
         process.kill()  # SIGKILL: no cleanup runs
         process.wait()
-    assert not (out / "stages" / "onnx.json").exists()
-    assert not (out / "manifest.json").exists()
-    with pytest.raises(BadInputError):
-        verify(out)
+        process.stderr.close()
 
-    summary = build(recipe, out, progress=False)
-    assert statuses(summary) == {"onnx": "ran", "validate": "ran", "verify": "verified"}
-    assert not list(out.glob(".*")), "staging leftovers removed"
+
+def test_killed_at_every_stage_kind_then_rerun_ends_verified(every_kind, tmp_path):
+    """SIGKILL in a stage of each kind in turn, each time resuming the build the last kill left:
+    a killed stage is never marked finished, the build is never complete, the finished ones stay
+    cached, and the last run verifies."""
+    out = tmp_path / "out"
+    path = write_recipe(tmp_path / "r.yaml", every_kind)
+    finished = []
+    for stage in every_kind["stages"][:-1]:
+        name = stage.get("name", stage["stage"])
+        _kill_during(path, out, name, stage["stage"])
+        assert not (out / "stages" / f"{name}.json").exists(), f"{name} marked finished after a kill in it"
+        assert not (out / "manifest.json").exists()
+        for done in finished:
+            assert (out / "stages" / f"{done}.json").exists() and verify(out / done) == [], done
+        finished.append(name)
+
+    summary = build(every_kind, out, progress=False)
+    assert statuses(summary) == {**{name: "cached" for name in finished[:-1]}, finished[-1]: "ran", "verify": "verified"}
+    assert not list(out.glob(".*")) and not list(out.glob("*.checkpoints")), "leftovers removed"
     assert verify(out) == []
+    manifest = read_manifest(out)
+    assert {manifest["stages"][name]["stage"] for name in finished} == set(STAGES) - {"verify"}
+    assert set(manifest["parity"]) == {"onnx", "q4", "student-onnx", "coreml"}
+    assert manifest["parity"]["student-onnx"]["hops"]["fp32"]["passed"], "the student's export matches the student"
+    assert summary["reproducible"], "the teacher's and the student's graphs are not compared with each other"
+    rerun = build(every_kind, out, progress=False)
+    assert set(statuses(rerun).values()) == {"cached", "verified"}
 
 
 def test_changed_byte_is_caught(built, recipe, tmp_path):
@@ -138,10 +197,13 @@ def test_changed_byte_is_caught(built, recipe, tmp_path):
     result = CliRunner().invoke(main, ["verify", str(copy)])
     assert result.exit_code == BadInputError.exit_code and "sha256 differs: onnx/onnx/decoder_model_merged.onnx" in result.output
 
-    # The cache does not trust an altered stage: the rerun redoes it, and the build verifies again.
+    # The cache does not trust an altered stage: the rerun redoes it (and only it), and the build
+    # verifies again. The export's files are put back; the validate stage's report stays missing.
     (copy / "stages" / "extra.txt").unlink()
+    shutil.copy2(out / "onnx" / "onnx" / "decoder_model_merged.onnx", graph)
+    shutil.copy2(out / "onnx" / "manifest.json", nested)
     summary = build(recipe, copy, progress=False)
-    assert statuses(summary) == {"onnx": "ran", "validate": "ran", "verify": "verified"}
+    assert statuses(summary) == {"onnx": "cached", "validate": "ran", "verify": "verified"}
     assert verify(copy) == []
 
 
@@ -181,17 +243,26 @@ def test_bench_stage_and_latency_gate(built, recipe, tmp_path):
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"stages": [{"stage": "quantise"}]}, "stages[0].stage: unknown stage 'quantise'; allowed: onnx, validate, bench, verify"),
-    ({"stages": [{"stage": "onnx", "int9": True}]}, "stages[0]: unknown key 'int9'; allowed: name, int8, opset"),
+    ({"stages": [{"stage": "quantise"}]},
+     "stages[0].stage: unknown stage 'quantise'; allowed: onnx, quantize, coreml, distill, validate, bench, verify"),
+    ({"stages": [{"stage": "onnx", "int9": True}]}, "stages[0]: unknown key 'int9'; allowed: name, input, int8, int4, fp16, "
+                                                    "opset, validate, eval_file, vision, decoder, embed"),
     ({"stages": [{"stage": "onnx", "int8": "yes"}]}, "stages[0].int8: expected true or false, got 'yes'"),
-    ({"stages": [{"stage": "onnx", "opset": 99}]}, "stages[0].opset: 99 is not supported; allowed: 18..23"),
+    ({"stages": [{"stage": "onnx", "opset": 99}]}, "stages[0]: opset 99 is not supported: choose 18..23"),
+    ({"stages": [{"stage": "onnx"}, {"stage": "quantize", "input": "nope", "methods": ["q4"]}]},
+     "stages[1].input: 'nope' is not an ONNX artifact stage before it; allowed: ['onnx']"),
+    ({"stages": [{"stage": "onnx", "input": "onnx2"}]}, "stages[0].input: 'onnx2' is not a distill stage before it"),
+    ({"stages": [{"stage": "onnx"}, {"stage": "quantize", "methods": ["q5"]}]}, "stages[1]: unknown methods 'q5'"),
+    ({"stages": [{"stage": "onnx"}, {"stage": "quantize", "methods": ["q4"], "block_size": 24}]},
+     "stages[1]: block size 24: must be a power of two"),
+    ({"stages": [{"stage": "coreml", "compress": "int3"}]}, "stages[0]: unknown compress 'int3'"),
     ({"stages": [{"stage": "verify"}, {"stage": "onnx"}]}, "stages[0]: verify checks the finished build folder"),
     ({"stages": [{"stage": "onnx"}, {"stage": "onnx"}]}, "stages[1].name: 'onnx' is used twice"),
-    ({"stages": [{"stage": "validate"}]}, "stages[0]: validate needs an artifact stage (onnx) before it"),
+    ({"stages": [{"stage": "validate"}]}, "stages[0]: validate needs an artifact stage (onnx, quantize) before it"),
     ({"gates": {"max_latency_ms": 50}}, "gates: unknown key 'max_latency_ms'; allowed: max_total_bytes, parity, "
                                         "max_ttft_ms, max_per_token_ms; latency gates are max_ttft_ms and max_per_token_ms"),
     ({"gates": {"max_ttft_ms": 50}}, "gates.max_ttft_ms: no bench stage measures it; add {stage: bench} to stages"),
-    ({"stages": [{"stage": "onnx"}, {**BENCH, "batches": [0]}]}, "stages[1].batches: [0]; allowed: a list of batch sizes"),
+    ({"stages": [{"stage": "onnx"}, {**BENCH, "batches": [0]}]}, "stages[1].batches: [0] is out of range 1..64"),
     ({"gates": {"parity": {"fp8": {"min_cosine": 0.9}}}}, "gates.parity.fp8: unknown dtype; allowed: fp32, fp16, int8, int8-static, q4"),
     ({"gates": {"parity": {"int8": {"min_cosine": "high"}}}}, "gates.parity.int8.min_cosine: expected a number"),
     ({"output": None}, "output: expected a string"),
