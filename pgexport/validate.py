@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pgexport.contract import ATTENTION_MASK, DECODER, INPUT_IDS, LOGITS, PIXEL_VALUES
 from pgexport.config import ValidateConfig, make
 from pgexport.metrics import held_out_score, logit_stats, token_agreement
 from pgexport.runtime import OnnxPaliGemma, open_image, prepare_inputs
@@ -77,7 +78,7 @@ def _torch_inputs(inputs: dict) -> dict:
     """Processor arrays as tensors, with token_type_ids 0 over the whole prompt, as the processor
     gives them (without it transformers would use a causal mask over the prompt)."""
     tensors = {key: torch.from_numpy(np.asarray(value)) for key, value in inputs.items()}
-    tensors.setdefault("token_type_ids", torch.zeros_like(tensors["input_ids"]))
+    tensors.setdefault("token_type_ids", torch.zeros_like(tensors[INPUT_IDS]))
     return tensors
 
 
@@ -104,7 +105,7 @@ def reference_generate(model, inputs: dict, new_tokens: int, stop_at_eos: bool =
             output_logits=True,
             return_dict_in_generate=True,
         )
-    prompt_length = inputs["input_ids"].shape[1]
+    prompt_length = inputs[INPUT_IDS].shape[1]
     return out.sequences[:, prompt_length:].numpy(), [step.float().numpy() for step in out.logits]
 
 
@@ -140,14 +141,14 @@ def reference_outputs(model, processor, samples=None, eval_rows=None) -> Referen
 
 
 def _prefill_logits(runtime: OnnxPaliGemma, inputs: dict) -> np.ndarray:
-    feed = runtime.prefill_feed(inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"])
-    return runtime.sessions["decoder_model_merged"].run(["logits"], feed)[0].astype(np.float32)
+    feed = runtime.prefill_feed(inputs[INPUT_IDS], inputs[ATTENTION_MASK], inputs[PIXEL_VALUES])
+    return runtime.sessions[DECODER.name].run([LOGITS], feed)[0].astype(np.float32)
 
 
 def check_hop(runtime: OnnxPaliGemma, reference: Reference, thresholds: Thresholds) -> dict:
     """Compare one artifact precision with the reference; returns the hop's report."""
     inputs = reference.inputs
-    prefill = logit_stats(reference.prefill_logits, _prefill_logits(runtime, inputs), inputs["attention_mask"])
+    prefill = logit_stats(reference.prefill_logits, _prefill_logits(runtime, inputs), inputs[ATTENTION_MASK])
     _, forced = runtime.generate_ids(**inputs, stop_at_eos=False, forced_tokens=reference.tokens, keep_logits=True)
     tokens, _ = runtime.generate_ids(**inputs, max_new_tokens=PARITY_NEW_TOKENS, stop_at_eos=False)
     report = {
@@ -156,8 +157,8 @@ def check_hop(runtime: OnnxPaliGemma, reference: Reference, thresholds: Threshol
         "prefill": prefill,
         "decode": {**logit_stats(reference.step_logits, np.stack(forced, 1)), "steps": PARITY_NEW_TOKENS},
         "tokens": {
-            "batch": int(inputs["input_ids"].shape[0]),
-            "left_padded": bool((inputs["attention_mask"] == 0).any()),
+            "batch": int(inputs[INPUT_IDS].shape[0]),
+            "left_padded": bool((inputs[ATTENTION_MASK] == 0).any()),
             "new_tokens": PARITY_NEW_TOKENS,
             "identical": bool(np.array_equal(tokens, reference.tokens)),
             "agreement": token_agreement(reference.tokens, tokens),

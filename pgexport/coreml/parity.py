@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from pgexport.contract import INPUT_IDS, PIXEL_VALUES
 from pgexport.coreml.wrappers import BLOCKED, StatefulDecoder, VisionEncoder
 from pgexport.metrics import logit_stats
 from pgexport.runtime import prepare_inputs
@@ -63,11 +64,11 @@ def check_wrappers(model, processor, samples=None, new_tokens: int = PARITY_NEW_
     for image, prompt in samples:
         inputs = prepare_inputs(processor, [image], [prompt])
         ref_tokens, ref_logits = reference_generate(model, inputs, new_tokens)
-        tokens, logits = wrapper_generate(decoder, vision, inputs["input_ids"], inputs["pixel_values"], new_tokens)
+        tokens, logits = wrapper_generate(decoder, vision, inputs[INPUT_IDS], inputs[PIXEL_VALUES], new_tokens)
         stats = logit_stats(np.stack([step[0] for step in ref_logits]), logits)
         rows.append({
             "prompt": prompt,
-            "prompt_tokens": int(inputs["input_ids"].shape[1]),
+            "prompt_tokens": int(inputs[INPUT_IDS].shape[1]),
             "max_abs_diff": stats["max_abs_diff"],
             "max_rel_diff": stats["max_rel_diff"],
             "tokens_identical": bool(np.array_equal(tokens, ref_tokens[0])),

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pgexport.contract import ATTENTION_MASK, COREML_DECODER, COREML_VISION, IMAGE, IMAGE_FEATURES, INPUT_IDS, LOGITS
 from pgexport.coreml.parity import decode_mask, prefill_mask
 from pgexport.metrics import logit_stats, token_agreement
 
@@ -42,20 +43,20 @@ def coreml_generate(vision, decoder, image, input_ids: np.ndarray, image_size: i
     from pgexport.runtime import to_rgb
 
     frame = to_rgb(image).resize((image_size, image_size), resample=3)  # bicubic, as the processor resizes
-    features = np.asarray(vision.predict({"image": frame})["image_features"]).astype(np.float16)
+    features = np.asarray(vision.predict({IMAGE: frame})[IMAGE_FEATURES]).astype(np.float16)
     state = decoder.make_state()
     ids = input_ids.astype(np.int32)
     end = ids.shape[1]
-    feed = {"input_ids": ids, "image_features": features, "attention_mask": prefill_mask(end).numpy().astype(np.float16)}
-    logits = decoder.predict(feed, state=state)["logits"]
+    feed = {INPUT_IDS: ids, IMAGE_FEATURES: features, ATTENTION_MASK: prefill_mask(end).numpy().astype(np.float16)}
+    logits = decoder.predict(feed, state=state)[LOGITS]
     tokens, steps = [], []
     for _ in range(new_tokens):
         steps.append(np.asarray(logits)[0, -1].astype(np.float32))
         tokens.append(int(steps[-1].argmax()))
         end += 1
-        feed = {"input_ids": np.array([[tokens[-1]]], dtype=np.int32), "image_features": features[:, :1],
-                "attention_mask": decode_mask(end).numpy().astype(np.float16)}
-        logits = decoder.predict(feed, state=state)["logits"]
+        feed = {INPUT_IDS: np.array([[tokens[-1]]], dtype=np.int32), IMAGE_FEATURES: features[:, :1],
+                ATTENTION_MASK: decode_mask(end).numpy().astype(np.float16)}
+        logits = decoder.predict(feed, state=state)[LOGITS]
     return np.array(tokens), np.stack(steps)
 
 
@@ -69,7 +70,7 @@ def compare_runtime(checkpoint, vision, decoder, compress: str, samples=None) ->
     for image, prompt in samples or default_samples(3):
         inputs = prepare_inputs(checkpoint.processor, [image], [prompt])
         ref_tokens, ref_logits = reference_generate(checkpoint.model, inputs, RUNTIME_NEW_TOKENS)
-        tokens, logits = coreml_generate(vision, decoder, image, inputs["input_ids"], size, RUNTIME_NEW_TOKENS)
+        tokens, logits = coreml_generate(vision, decoder, image, inputs[INPUT_IDS], size, RUNTIME_NEW_TOKENS)
         stats = logit_stats(np.stack([step[0] for step in ref_logits]), logits)
         rows.append({
             "prompt": prompt,
@@ -99,8 +100,8 @@ def runtime_parity(artifact: Path, manifest: dict, reference: str | None, allow_
     from pgexport.load import load_checkpoint
 
     checkpoint = load_checkpoint(reference or manifest["source"]["checkpoint"], allow_pickle=allow_pickle)
-    vision = ct.models.MLModel(str(artifact / "vision_encoder.mlpackage"))
-    decoder = ct.models.MLModel(str(artifact / "decoder.mlpackage"))
+    vision = ct.models.MLModel(str(artifact / COREML_VISION.filename))
+    decoder = ct.models.MLModel(str(artifact / COREML_DECODER.filename))
     return compare_runtime(checkpoint, vision, decoder, manifest["options"]["compress"])
 
 

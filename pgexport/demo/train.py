@@ -25,6 +25,7 @@ from transformers import (
     SiglipImageProcessor,
 )
 
+from pgexport.contract import INPUT_IDS
 from pgexport.demo import CHECKPOINT_DIR, DATA_DIR, load_split
 from pgexport.demo.task import CELL, IMAGE_SIZE, KIND_PREFIXES, MAX_SHAPES, Sample, make_split, sample_key
 from pgexport.demo.tokenizer import IMAGE_TOKEN, build_tokenizer
@@ -118,7 +119,7 @@ def generate_answers(model, processor, samples: list[Sample], batch_size: int = 
             return_tensors="pt",
         )
         out = model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
-        return processor.tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        return processor.tokenizer.batch_decode(out[:, inputs[INPUT_IDS].shape[1] :], skip_special_tokens=True)
 
     return answer_rows(answer, samples, batch_size)
 

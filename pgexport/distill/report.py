@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from pgexport.contract import INPUT_IDS
 from pgexport.demo.task import KIND_PREFIXES, Sample
 from pgexport.metrics import held_out_score
 from pgexport.runtime import prepare_inputs
@@ -24,7 +25,7 @@ def _tensors(model, processor, samples) -> dict:
     device = next(model.parameters()).device
     tensors = {key: torch.from_numpy(value).to(device) for key, value in inputs.items()}
     # the whole prompt is prefix (bidirectional); without token_type_ids transformers masks it causally
-    tensors["token_type_ids"] = torch.zeros_like(tensors["input_ids"])
+    tensors["token_type_ids"] = torch.zeros_like(tensors[INPUT_IDS])
     return tensors
 
 
@@ -33,7 +34,7 @@ def answer_batch(model, processor, samples, max_new_tokens: int = EVAL_MAX_NEW_T
     """Greedy answers to one left-padded batch (stop at eos), decoded without special tokens."""
     inputs = _tensors(model, processor, samples)
     out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-    return processor.tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    return processor.tokenizer.batch_decode(out[:, inputs[INPUT_IDS].shape[1] :], skip_special_tokens=True)
 
 
 def evaluate(model, processor, samples) -> dict:
