@@ -26,11 +26,12 @@ def quiet_third_party() -> None:
     progress (rich, on stderr) and errors stay."""
     from transformers.utils import logging as transformers_logging
 
-    from pgexport.coreml import HARMLESS_COREMLTOOLS_FILTER
+    from pgexport.coreml import COREMLTOOLS_LOGGERS, HARMLESS_COREMLTOOLS_FILTER
 
     transformers_logging.set_verbosity_error()
     transformers_logging.disable_progress_bar()
-    logging.getLogger("coremltools").addFilter(HARMLESS_COREMLTOOLS_FILTER)
+    for name in COREMLTOOLS_LOGGERS:
+        logging.getLogger(name).addFilter(HARMLESS_COREMLTOOLS_FILTER)
 
 
 def os_error_exit(error: OSError) -> int | None:

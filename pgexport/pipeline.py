@@ -234,15 +234,14 @@ def _tuning_metric(folder: Path, reference):
     generation reads, along the reference's path). Both are 1.0 for a perfect graph, so a
     relative target of 0.99 asks what the int8 gate asks (cosine 0.99)."""
     import numpy as np
-    import onnxruntime as ort
 
-    from pgexport.runtime import OnnxPaliGemma
+    from pgexport.runtime import OnnxPaliGemma, open_session
     from pgexport.metrics import logit_stats, token_agreement
     from pgexport.validate import PARITY_NEW_TOKENS
 
     def evaluate(graph: str, candidate: Path) -> float:
         runtime = OnnxPaliGemma(folder, dtype="fp32")
-        runtime.sessions[graph] = ort.InferenceSession(str(candidate), providers=["CPUExecutionProvider"])
+        runtime.sessions[graph] = open_session(candidate)
         inputs = reference.inputs
         tokens, _ = runtime.generate_ids(**inputs, max_new_tokens=PARITY_NEW_TOKENS, stop_at_eos=False)
         _, forced = runtime.generate_ids(**inputs, stop_at_eos=False, forced_tokens=reference.tokens, keep_logits=True)

@@ -92,6 +92,17 @@ def open_image(path: str | Path) -> Image.Image:
         raise BadInputError(f"cannot read image {path}: {error}") from error
 
 
+def open_session(path: str | Path, threads: int | None = None, providers: list[str] | None = None) -> ort.InferenceSession:
+    """An onnxruntime session of one graph file (CPU unless `providers` say otherwise) that logs
+    errors only: onnxruntime warns at every load that the decoder's `logits_to_keep` is an
+    initializer that is also an input, which is the point (exporters/onnx.py)."""
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
+
+
 def left_pad_positions(attention_mask: np.ndarray) -> np.ndarray:
     """PaliGemma's 1-based positions: cumsum of the mask; pads get 1 (they are never attended)."""
     positions = np.cumsum(attention_mask, axis=-1)
@@ -170,13 +181,7 @@ class OnnxPaliGemma:
         self.context = AutoConfig.from_pretrained(self.folder).text_config.max_position_embeddings
         self.eos_token_id = self.processor.tokenizer.eos_token_id
         self.pad_token_id = self.processor.tokenizer.pad_token_id
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        # Errors only: onnxruntime warns at every load that the decoder's `logits_to_keep` is an
-        # initializer that is also an input, which is the point (exporters/onnx.py).
-        options.log_severity_level = 3
-        providers = providers or ["CPUExecutionProvider"]
-        self.sessions = {graph: ort.InferenceSession(str(path), options, providers=providers) for graph, path in paths.items()}
+        self.sessions = {graph: open_session(path, threads, providers) for graph, path in paths.items()}
         decoder = self.sessions[DECODER.name]
         self.past_inputs = [i for i in decoder.get_inputs() if i.name.startswith(f"{PAST}.")]
         self.float_type = _ORT_FLOAT[decoder.get_inputs()[0].type]  # the decoder's: embeddings and KV cache

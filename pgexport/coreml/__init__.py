@@ -28,6 +28,9 @@ HARMLESS_COREMLTOOLS_LOGS = (
     # The decoder's key_cache / value_cache buffers are states: the torch frontend keeps the state and
     # skips the buffer's constant copy, as a stateful conversion should.
     "Torch var key_cache is added again", "Torch var value_cache is added again",
+    # --compress int4 quantizes per block of 32 input channels: SigLIP's patch embedding has 3 (RGB), so
+    # that one small weight stays fp16, as intended (the package's size is in the manifest).
+    "Unable to perform structured quantization", "_patch_embedding_weight_to_fp16. Skipped this op",
     # Gemma's embedding has a padding_idx, which only changes gradients: the gather is the same.
     "Core ML embedding (gather) layer does not support any inputs besides the weights and indices",
 )
@@ -42,16 +45,22 @@ class _HarmlessCoremltoolsLogs(logging.Filter):
 HARMLESS_COREMLTOOLS_FILTER = _HarmlessCoremltoolsLogs("coremltools")
 
 
+# coremltools logs through the "coremltools" logger, and some of its modules through the root logger
+# (`coremltools._getLogger()` with no name): a logger's filter sees only what is logged on it.
+COREMLTOOLS_LOGGERS = ("coremltools", "")
+
+
 @contextlib.contextmanager
 def harmless_coremltools_logs_dropped():
-    """Drop HARMLESS_COREMLTOOLS_LOGS for the block (coremltools logs them all through one logger,
-    so a filter there sees them; enter before coremltools is first imported). Nests: the filter is
-    removed only by the block that added it."""
-    logger = logging.getLogger("coremltools")
-    added = HARMLESS_COREMLTOOLS_FILTER not in logger.filters
-    logger.addFilter(HARMLESS_COREMLTOOLS_FILTER)
+    """Drop HARMLESS_COREMLTOOLS_LOGS for the block (filters on the loggers coremltools logs through;
+    enter before coremltools is first imported). Nests: a filter is removed only by the block that
+    added it."""
+    loggers = [logging.getLogger(name) for name in COREMLTOOLS_LOGGERS]
+    added = [logger for logger in loggers if HARMLESS_COREMLTOOLS_FILTER not in logger.filters]
+    for logger in added:
+        logger.addFilter(HARMLESS_COREMLTOOLS_FILTER)
     try:
         yield
     finally:
-        if added:
+        for logger in added:
             logger.removeFilter(HARMLESS_COREMLTOOLS_FILTER)

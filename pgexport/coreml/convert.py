@@ -73,6 +73,7 @@ def check_context(config, max_context: int | None) -> int:
 COREMLTOOLS_TQDM = (
     ("coremltools.converters.mil.frontend.torch.ops", "_tqdm"),
     ("coremltools.converters.mil.mil.passes.pass_pipeline", "tqdm"),
+    ("coremltools.optimize.coreml._quantization_passes", "tqdm"),  # --compress int8 / int4
 )
 
 

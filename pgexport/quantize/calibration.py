@@ -28,7 +28,7 @@ import onnx
 
 from pgexport.contract import DECODER, EMBED, PAST, VISION, graph_path
 from pgexport.errors import BadInputError
-from pgexport.runtime import OnnxPaliGemma, open_image
+from pgexport.runtime import OnnxPaliGemma, open_image, open_session
 
 CALIBRATION_GRAPHS = (VISION.name, DECODER.name)
 DEFAULT_PROMPT = "caption en"
@@ -122,7 +122,6 @@ class PrefillFeeds(OnnxPaliGemma):
     are read from its graph without its weights."""
 
     def __init__(self, folder: Path, with_graphs: bool):
-        import onnxruntime as ort
         from transformers import AutoProcessor
 
         self.folder = folder
@@ -134,6 +133,6 @@ class PrefillFeeds(OnnxPaliGemma):
         if with_graphs:
             for graph in (VISION.name, EMBED.name):
                 path = str(graph_path(folder, graph, "fp32"))
-                self.sessions[graph] = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+                self.sessions[graph] = open_session(path)
             decoder = onnx.load(str(graph_path(folder, DECODER.name, "fp32")), load_external_data=False)
             self.past_inputs = [_Input(i) for i in decoder.graph.input if i.name.startswith(PAST + ".")]

@@ -64,6 +64,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Sequence
@@ -107,7 +108,7 @@ def quantize_static_int8(
     graph = check_source(src, feeds, exclude_nodes)
     if streamed is None:
         streamed = graph_bytes(src) > STREAMED_THRESHOLD
-    with neural_compressor_session(dst.parent, progress) as workspace:
+    with neural_compressor_session(dst.parent) as workspace:
         if streamed:
             quantize_static_int8_streamed(src, dst, graph, feeds, exclude_nodes, workspace, chunk_bytes)
             return _info(src, dst, feeds, exclude_nodes, True, started) | {"streamed": True}
@@ -231,17 +232,21 @@ def post_training_config(graph: onnx.ModelProto, calibration_size: int, exclude_
 
 
 @contextlib.contextmanager
-def neural_compressor_session(folder: Path, progress: bool):
+def neural_compressor_session(folder: Path):
     """neural-compressor's workspace in a temporary folder inside `folder` (its default is
-    ./nc_workspace in the current directory), its INFO logging only with progress, and its weight
-    quantizer on 7 bits (WEIGHT_QRANGE); all restored, the folder removed.
+    ./nc_workspace in the current directory), its logging at errors only (dozens of INFO lines and
+    warnings about its own internals per graph: mpi4py, eval_func checks, renamed nodes; pgexport's
+    stage bar and manifest report what happened), and its weight quantizer on 7 bits
+    (WEIGHT_QRANGE); all restored, the folder removed.
 
     The 7 bits: neural-compressor's quantizer (ox_utils/quantizer.py) asks
     `_get_qrange_for_qType(qType, reduce_range)` for the range of each weight it quantizes (int8
     here); that name is replaced, inside this block only, by one answering WEIGHT_QRANGE for int8.
     Calibration (ox_utils/calibration.py, the activations' uint8 range) has its own binding and is
     left alone. Not thread-safe: two quantizations must not run at once in one process."""
-    import_optional("neural_compressor", "inc")
+    with warnings.catch_warnings():  # its import uses setuptools' deprecated pkg_resources
+        warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
+        import_optional("neural_compressor", "inc")
     from neural_compressor.adaptor.ox_utils import quantizer
     from neural_compressor.config import options
     from onnx import TensorProto
@@ -256,7 +261,7 @@ def neural_compressor_session(folder: Path, progress: bool):
     logger = logging.getLogger("neural_compressor")
     saved = options.workspace, logger.level
     options.workspace = str(workspace) + os.sep
-    logger.setLevel(logging.INFO if progress else logging.WARNING)
+    logger.setLevel(logging.ERROR)
     quantizer._get_qrange_for_qType = weight_range
     try:
         yield workspace

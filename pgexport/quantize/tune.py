@@ -68,7 +68,7 @@ def tune_static_int8(
                                "cannot hold a graph over 2 GiB (the 3B decoder); quantize it without "
                                "--accuracy-target (the streamed path) or tune the smaller graphs only")
     history = []
-    with neural_compressor_session(dst.parent, progress) as workspace:
+    with neural_compressor_session(dst.parent) as workspace:
         from neural_compressor import quantization
         from neural_compressor.config import AccuracyCriterion, TuningCriterion
 
