@@ -1,4 +1,4 @@
-"""Every stage's options, declared once: one frozen dataclass per stage, with each option's default,
+"""Every stage's options, declared once: one dataclass per stage, with each option's default,
 help text, allowed values and range in its field. The CLI (`cli_options` makes a command's click
 options from it), the Python API (`export_onnx(model, out, int8=True)` builds an ExportConfig from
 its keywords) and recipes (`{stage: onnx, int8: true}` is a serialized ExportConfig) all read these;

@@ -23,7 +23,8 @@ Python API's keywords). Every error names the key and the allowed values.
       max_per_token_ms: 50                     # and max_ttft_ms: medians, every benchmarked row
 
 `input`: onnx, coreml and distill read a checkpoint (the recipe's, or a distill stage's student);
-quantize reads an ONNX artifact (default: the nearest onnx or quantize stage before it).
+quantize reads an ONNX artifact (default: the nearest onnx stage before it, so each variant is made
+from the fp32 export; name a quantize stage to add to its variants).
 `artifacts`: the stages validate and bench measure (default: every ONNX artifact before them).
 
 Every number has a sane range (its field's `bounds`; NaN and infinities are in none), and YAML
@@ -221,8 +222,8 @@ def check_recipe(recipe: Recipe) -> Recipe:
             raise RecipeError(f"{where}.name: {shown(stage.name)} is used twice; each stage needs its own name")
         _check_config(stage.config, where)
         _check_reads(stage, kinds, where)
-        if stage.kind in ARTIFACT_READERS and stage.input is None:  # the nearest ONNX artifact before it
-            stage = dataclasses.replace(stage, input=[n for n, k in kinds.items() if k in ONNX_ARTIFACTS][-1])
+        if stage.kind in ARTIFACT_READERS and stage.input is None:  # the nearest export before it
+            stage = dataclasses.replace(stage, input=[n for n, k in kinds.items() if k == "onnx"][-1])
             resolved[index] = stage
         if stage.kind == "verify" and index != len(recipe.stages) - 1:
             raise RecipeError(f"{where}: verify checks the finished build folder, so it must be the last stage")
@@ -246,8 +247,8 @@ def _check_reads(stage: Stage, kinds: dict[str, str], where: str) -> None:
         raise RecipeError(f"{where}.input: {shown(stage.input)} is not a distill stage before it; allowed: "
                           f"{before(('distill',)) or 'none'} (or leave it out: the recipe's checkpoint)")
     if stage.kind in ARTIFACT_READERS:
-        if not before(ONNX_ARTIFACTS):
-            raise RecipeError(f"{where}: {stage.kind} needs an ONNX artifact stage ({', '.join(ONNX_ARTIFACTS)}) before it")
+        if not before(("onnx",)):
+            raise RecipeError(f"{where}: {stage.kind} needs an onnx stage before it")
         if stage.input is not None and kinds.get(stage.input) not in ONNX_ARTIFACTS:
             raise RecipeError(f"{where}.input: {shown(stage.input)} is not an ONNX artifact stage before it; "
                               f"allowed: {before(ONNX_ARTIFACTS)}")

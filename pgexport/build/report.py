@@ -42,7 +42,10 @@ def gate_checks(recipe: Recipe, parity: dict, latency: dict, total_bytes: int) -
             em = hop.get("exact_match")
             values = {
                 "max_rel_diff": max(hop["prefill"]["max_rel_diff"], hop["decode"]["max_rel_diff"]),
-                "min_cosine": min(hop["prefill"]["min_cosine"], hop["decode"]["min_cosine"]),
+                # the cosine the gate decides on: every position for exact precisions, the positions
+                # generation reads for lossy ones (validate.Thresholds)
+                "min_cosine": (min(hop["prefill"]["min_cosine"], hop["decode"]["min_cosine"])
+                               if hop["thresholds"]["max_rel_diff"] is not None else hop["decode"]["min_cosine"]),
                 "token_agreement": hop["tokens"]["agreement"],
                 "exact_match_drop": -em["change_points"] if em else None,
             }
