@@ -70,8 +70,9 @@ def inputs_untouched(input_guard):
 
 
 @pytest.fixture(scope="session")
-def demo_artifact(tmp_path_factory, input_guard):
-    """`pgexport onnx --int8` of the demo model, gate on: (folder, what the command printed)."""
+def demo_run(tmp_path_factory, input_guard):
+    """`pgexport onnx --int8` of the demo model, gate on, once per session: (folder, click result).
+    Every test that needs the demo's graphs reads this folder (an input: the guard checks it)."""
     from click.testing import CliRunner
 
     from pgexport.cli import main
@@ -79,7 +80,19 @@ def demo_artifact(tmp_path_factory, input_guard):
     out = tmp_path_factory.mktemp("demo") / "out"
     result = CliRunner().invoke(main, ["onnx", "--int8", "-o", str(out)])
     assert result.exit_code == 0, result.output
-    return input_guard.add(out), result.output
+    return input_guard.add(out), result
+
+
+@pytest.fixture(scope="session")
+def demo_artifact(demo_run):
+    """The demo's --int8 artifact and what the command printed."""
+    return demo_run[0], demo_run[1].output
+
+
+@pytest.fixture(scope="session")
+def demo_onnx(demo_run) -> Path:
+    """The demo's --int8 artifact folder (fp32 and int8 graphs)."""
+    return demo_run[0]
 
 
 @pytest.fixture(scope="session")

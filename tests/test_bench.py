@@ -18,23 +18,13 @@ STATS = ("vision_s", "prefill_s", "ttft_s", "per_token_s")
 
 
 @pytest.fixture(scope="module")
-def demo_artifact(tmp_path_factory):
-    from pgexport.pipeline import export_onnx
-
-    out = tmp_path_factory.mktemp("bench-demo") / "artifact"
-    # The parity gate is test_demo_artifact's subject; here it would only triple the time.
-    export_onnx(None, out, int8=True, validate=False, progress=False)
-    return out
-
-
-@pytest.fixture(scope="module")
-def cli_run(demo_artifact, tmp_path_factory):
+def cli_run(demo_onnx, tmp_path_factory):
     """One CLI run: the artifact (fp32 and int8) first, so it is the baseline, then the checkpoint."""
     from pgexport.demo import CHECKPOINT_DIR
 
     folder = tmp_path_factory.mktemp("bench-out")
     paths = {"json": folder / "bench.json", "markdown": folder / "bench.md", "plot": folder / "bench.png"}
-    args = ["bench", str(demo_artifact), str(CHECKPOINT_DIR), *TINY_ARGS, "--dtype", "fp32,int8"]
+    args = ["bench", str(demo_onnx), str(CHECKPOINT_DIR), *TINY_ARGS, "--dtype", "fp32,int8"]
     for option, path in paths.items():
         args += [f"--{option}", str(path)]
     result = CliRunner().invoke(main, args)
@@ -42,13 +32,13 @@ def cli_run(demo_artifact, tmp_path_factory):
     return json.loads(paths["json"].read_text()), paths, result.output
 
 
-def test_one_row_per_target_dtype_and_batch(cli_run, demo_artifact):
+def test_one_row_per_target_dtype_and_batch(cli_run, demo_onnx):
     report, _, _ = cli_run
     rows = {(r["kind"], r["engine"], r["dtype"], r["batch"]) for r in report["results"]}
     expected = {(kind, engine, dtype, batch) for batch in (1, 2) for kind, engine, dtype in (
         ("artifact", "onnxruntime", "fp32"), ("artifact", "onnxruntime", "int8"), ("checkpoint", "pytorch-eager", "fp32"))}
     assert rows == expected and len(report["results"]) == 6
-    assert report["baseline"] == f"{demo_artifact} [onnxruntime fp32]"
+    assert report["baseline"] == f"{demo_onnx} [onnxruntime fp32]"
     assert report["skipped"] == []
 
 
@@ -170,8 +160,8 @@ def test_a_bad_target_exits_4(tmp_path, kind):
         bench([target], **TINY, progress=False)
 
 
-def test_an_unknown_baseline_is_refused_before_anything_runs(demo_artifact):
-    result = CliRunner().invoke(main, ["bench", str(demo_artifact), "--baseline", "no-such-target", *TINY_ARGS])
+def test_an_unknown_baseline_is_refused_before_anything_runs(demo_onnx):
+    result = CliRunner().invoke(main, ["bench", str(demo_onnx), "--baseline", "no-such-target", *TINY_ARGS])
     assert result.exit_code == 4 and "baseline 'no-such-target'" in result.output
 
 
@@ -194,14 +184,14 @@ def test_q4_arithmetic_follows_accuracy_level(tmp_path, level, arithmetic):
     assert graph_weight_stats(tmp_path / "g.onnx") == (8 * 16 + 8 * 4, 8, arithmetic)
 
 
-def test_bench_times_the_runtime_loop_through_its_step_hook(demo_artifact):
+def test_bench_times_the_runtime_loop_through_its_step_hook(demo_onnx):
     """The hook hears vision start and end, then one token per step; with or without it, the
     loop gives the same tokens; bench's Timing reads those stamps."""
     from pgexport.bench import Clock, OnnxRunner, make_inputs, resolve_target
     from pgexport.config import BenchConfig
     from pgexport.runtime import STEP_START, STEP_TOKEN, STEP_VISION
 
-    target = resolve_target(demo_artifact)
+    target = resolve_target(demo_onnx)
     runner = OnnxRunner(target, "fp32", BenchConfig(batches=(2,)))
     inputs = make_inputs(target.config, 2, 5, target.native_resolution)
     events = []
@@ -214,20 +204,20 @@ def test_bench_times_the_runtime_loop_through_its_step_hook(demo_artifact):
     assert 0 < timing.vision < timing.ttft and math.isclose(timing.ttft, timing.vision + timing.prefill)
 
 
-def test_prefill_in_row_chunks_gives_the_batched_outputs(demo_artifact):
+def test_prefill_in_row_chunks_gives_the_batched_outputs(demo_onnx):
     """prefill_rows=1: the prompt goes through the decoder one row at a time, the KV caches are
     joined, and decoding goes on batched: same tokens, logits equal to float rounding."""
     from pgexport.runtime import OnnxPaliGemma
     from pgexport.validate import default_samples
 
     images, prompts = zip(*default_samples())
-    whole = OnnxPaliGemma(demo_artifact, dtype="fp32")
+    whole = OnnxPaliGemma(demo_onnx, dtype="fp32")
     inputs = whole.preprocess(list(images), list(prompts))
     assert inputs["attention_mask"].min() == 0  # the rows are left-padded: the mask is sliced with them
     tokens, logits = whole.generate_ids(**inputs, max_new_tokens=6, stop_at_eos=False, keep_logits=True)
-    chunked = OnnxPaliGemma(demo_artifact, dtype="fp32", prefill_rows=1)
+    chunked = OnnxPaliGemma(demo_onnx, dtype="fp32", prefill_rows=1)
     tokens_1, logits_1 = chunked.generate_ids(**inputs, max_new_tokens=6, stop_at_eos=False, keep_logits=True)
     assert np.array_equal(tokens, tokens_1)
     assert max(float(np.abs(a - b).max()) for a, b in zip(logits, logits_1)) < 1e-4
     with pytest.raises(BadInputError, match="prefill_rows"):
-        OnnxPaliGemma(demo_artifact, dtype="fp32", prefill_rows=-1)
+        OnnxPaliGemma(demo_onnx, dtype="fp32", prefill_rows=-1)

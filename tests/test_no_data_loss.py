@@ -156,6 +156,7 @@ def with_fp16(artifact_factory, tmp_path_factory, input_guard):
     return input_guard.add(out)
 
 
+@pytest.mark.slow
 def test_fp16_of_an_artifact_with_fp16_graphs_leaves_them(with_fp16, tmp_path):
     code, errors = run("quantize", with_fp16, "-o", tmp_path / "b", "--method", "fp16", "--optimize", "--no-validate")
     assert code == 0, errors
@@ -169,6 +170,7 @@ def _started(staging_glob: str, inside: str):
     return ready
 
 
+@pytest.mark.slow
 def test_sigkill_in_every_command_leaves_inputs_and_old_outputs(tmp_path, artifact_factory, with_fp16):
     """Each command killed (SIGKILL: nothing of ours runs) once it is writing: inputs unchanged,
     no output where there was none, the previous output intact where --force was replacing it."""

@@ -239,6 +239,7 @@ def test_quantize_variants_pass_the_gate(demo, tmp_path):
     assert OnnxPaliGemma(tmp_path / "mixed", dtype="q4").graph_dtypes["vision_encoder"] == "int8"
 
 
+@pytest.mark.slow
 def test_fp16_islands_and_a_failed_gate(demo, tmp_path, monkeypatch):
     """fp16: islands found on real activations (the attention-mask path, float32's minimum), the
     variant's figures within fp16's gate; then that gate made impossible (agreement > 1): exit 6,
@@ -267,6 +268,7 @@ def test_fp16_islands_and_a_failed_gate(demo, tmp_path, monkeypatch):
     assert manifest["sizes"]["fp16"]["ratio"] < 0.6
 
 
+@pytest.mark.slow
 def test_fp16_of_a_graph_with_external_data(demo, tmp_path, monkeypatch):
     """The path the 3B decoder takes (its weights in a .data file, too large for one protobuf):
     the probe runs on hard links to the source's data, on one row, a quarter of the nodes per

@@ -30,13 +30,9 @@ CALIBRATION_ROWS = 32  # the default
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory, input_guard):
-    """The demo model's fp32 artifact (gate off: this file tests the quantized graphs against it)."""
-    from pgexport.pipeline import export_onnx
-
-    out = tmp_path_factory.mktemp("static-demo") / "fp32"
-    export_onnx(None, out, validate=False, progress=False)
-    return input_guard.add(out)
+def demo(demo_onnx):
+    """The demo model's artifact (conftest's --int8 export; this file quantizes its fp32 graphs)."""
+    return demo_onnx
 
 
 @pytest.fixture(scope="module")

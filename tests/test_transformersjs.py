@@ -128,15 +128,13 @@ def assert_same_generation(js: dict, reference: dict, label: str, minimum: int =
 
 
 @pytest.fixture(scope="module")
-def demo_js_artifact(tmp_path_factory):
-    """The demo model exported with --int8 (gate off: tests/test_demo_artifact.py covers it), and
+def demo_js_artifact(tmp_path_factory, demo_onnx):
+    """The demo model exported with --int8 (conftest's, shared with the other tests), and
     its sample inputs: `sample_inputs(3)` plus the held-out row with the longest answer (so that
     a run stopped at eos still compares >= 8 real tokens)."""
     from pgexport.demo import CHECKPOINT_DIR, EVAL_FILE, load_split, sample_inputs
-    from pgexport.pipeline import export_onnx
 
-    out = tmp_path_factory.mktemp("demo-js") / "demo"
-    export_onnx(None, out, int8=True, validate=False, progress=False)
+    out = demo_onnx
     tokenizer = _checkpoint(Path(CHECKPOINT_DIR)).processor.tokenizer
     longest = max(load_split(EVAL_FILE), key=lambda row: len(tokenizer(row.suffix)["input_ids"]))
     pairs = sample_inputs(3) + [(longest.open_image(), longest.prefix)]
