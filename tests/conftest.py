@@ -12,6 +12,18 @@ import pytest
 from pgexport.random_model import random_checkpoint
 
 
+def pytest_configure(config):
+    """Under `pytest -n N` (make test) each of the N processes gets its share of the CPUs for torch,
+    so N processes do not each run a thread per core on the same cores."""
+    import os
+
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        import torch
+
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // workers))
+
+
 class InputGuard:
     """The folders commands read as inputs (checkpoints, artifacts), as they were when made: every
     file's sha256 and (inode, size, mtime), and the list of entries. `changes()` lists what differs:

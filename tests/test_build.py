@@ -90,6 +90,30 @@ def test_force_redoes_every_stage_with_identical_onnx_bytes(built, recipe, tmp_p
     assert {name: before[name]["sha256"] for name in graphs} == {name: after[name]["sha256"] for name in graphs}
 
 
+def test_stages_read_the_stage_they_name(tmp_path):
+    """quantize reads the nearest export unless told; an export of a student is validated against
+    the student; graphs of two exports are compared only when they come from the same checkpoint."""
+    from pgexport.build.report import reproducibility
+    from pgexport.build.runners import checkpoint_of, reference_of
+
+    recipe = load_recipe({"stages": [
+        {"stage": "onnx"}, {"stage": "quantize", "name": "q4", "methods": ["q4"]},
+        {"stage": "quantize", "name": "int8", "methods": ["int8"]}, {"stage": "distill", "name": "student"}, {"stage": "onnx", "name": "student-onnx", "input": "student"},
+        {"stage": "quantize", "name": "student-q4", "methods": ["q4"]}, {"stage": "onnx", "name": "again"},
+    ]})
+    assert [s.input for s in recipe.stages] == [None, "onnx", "onnx", None, "student", "student-onnx", None]
+    out = tmp_path / "out"
+    assert reference_of(recipe, "q4", out) == checkpoint_of(recipe)
+    assert reference_of(recipe, "student-q4", out) == out / "student"
+    graph = {"sha256": "a" * 64, "bytes": 1}
+    files = {"onnx/onnx/embed_tokens.onnx": graph, "again/onnx/embed_tokens.onnx": graph,
+             "student-onnx/onnx/embed_tokens.onnx": {**graph, "sha256": "b" * 64}}
+    report = reproducibility(recipe, files, {})
+    assert report["identical"] and list(report["compared"]) == ["onnx/embed_tokens.onnx"]
+    assert report["compared"]["onnx/embed_tokens.onnx"]["files"] == ["onnx/onnx/embed_tokens.onnx",
+                                                                     "again/onnx/embed_tokens.onnx"]
+
+
 def test_changed_byte_is_caught(built, recipe, tmp_path):
     out, _ = built
     copy = shutil.copytree(out, tmp_path / "out")

@@ -36,8 +36,7 @@ def every_kind(checkpoint_factory, tmp_path_factory):
             {"stage": "coreml", "max_context": 32, "validate": False},
             {"stage": "distill", "name": "student", "train": str(folder / "train.jsonl"),
              "eval_file": str(folder / "eval.jsonl"), "batch_size": 4, "latency_runs": 1},
-            {"stage": "onnx", "name": "student-onnx", "input": "student", "validate": False},
-            {"stage": "validate", "artifacts": ["onnx", "q4", "student-onnx", "coreml"]},
+            {"stage": "validate", "artifacts": ["onnx", "q4", "coreml"]},
             {**BENCH, "artifacts": ["q4"]},
             {"stage": "verify"},
         ],
@@ -92,9 +91,8 @@ def test_killed_at_every_stage_kind_then_rerun_ends_verified(every_kind, tmp_pat
     assert verify(out) == []
     manifest = read_manifest(out)
     assert {manifest["stages"][name]["stage"] for name in finished} == set(STAGES) - {"verify"}
-    assert set(manifest["parity"]) == {"onnx", "q4", "student-onnx", "coreml"}
-    assert manifest["parity"]["student-onnx"]["hops"]["fp32"]["passed"], "the student's export matches the student"
-    assert summary["reproducible"], "the teacher's and the student's graphs are not compared with each other"
+    assert set(manifest["parity"]) == {"onnx", "q4", "coreml"}
+    assert (out / "student" / "model.safetensors").is_file()
     rerun = build(every_kind, out, progress=False)
     assert set(statuses(rerun).values()) == {"cached", "verified"}
 
