@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from pgexport.config import hints, option_fields, shown_bounds
+from pgexport.config import option_fields, shown_bounds
 
 
 class CommaList(click.ParamType):
@@ -78,7 +78,7 @@ def cli_options(cls, skip: tuple[str, ...] = ()):
     """A decorator adding one click option per field of the config class `cls` (its own fields
     first, then inherited ones), each passed to the command under the field's name."""
     fields = [f for f in option_fields(cls) if f.metadata.get("cli", True) and f.name not in skip]
-    field_hints = hints(cls)
+    field_hints = typing.get_type_hints(cls)
 
     def decorate(command):
         for f in reversed(fields):
@@ -103,12 +103,13 @@ def config_from(cls, options: dict):
     return cls(**values)
 
 
-def run_options(what: str = "the manifest", pickle: str = "weights. Never runs remote code"):
-    """--force, --allow-pickle and --json: the options of one invocation every writing command takes."""
+def run_options(pickle: str = "weights. Never runs remote code"):
+    """--force, --allow-pickle and --json: the options of one invocation the onnx, quantize and
+    coreml commands take."""
     options = [
         click.option("--force", is_flag=True, help="Replace an existing output folder (only once the new one is complete)."),
         click.option("--allow-pickle", is_flag=True, help=f"Allow non-safetensors (pickle) {pickle}."),
-        click.option("--json", "as_json", is_flag=True, help=f"Print {what} as JSON instead of tables."),
+        click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON instead of tables."),
     ]
 
     def decorate(command):

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import typing
 from dataclasses import dataclass, field
 
 from pgexport.errors import BadInputError, UnsupportedError
@@ -33,6 +32,13 @@ METHODS = {
     "fp16": {"vision": "fp16", "embed": "fp16", "decoder": "fp16"},
 }
 INT4_METHODS = ("rtn", "hqq")
+
+
+def check_opset(opset) -> int:
+    """The opset, if the exporter supports it; UnsupportedError (exit 7) otherwise."""
+    if not isinstance(opset, int) or isinstance(opset, bool) or not MIN_OPSET <= opset <= MAX_OPSET:
+        raise UnsupportedError(f"opset {opset} is not supported: choose {MIN_OPSET}..{MAX_OPSET}")
+    return opset
 
 
 def option(default, help: str, *, choices=None, bounds=None, flag: str | None = None, comma: bool = False,
@@ -88,10 +94,6 @@ def options_of(config) -> dict:
     what manifests and recipes record."""
     return {f.name: list(value) if isinstance(value := getattr(config, f.name), tuple) else value
             for f in dataclasses.fields(config) if not f.metadata.get("internal")}
-
-
-def hints(cls) -> dict:
-    return typing.get_type_hints(cls)
 
 
 def option_fields(cls) -> list[dataclasses.Field]:
@@ -154,8 +156,7 @@ class ExportConfig(QuantizeOptions, GraphPrecisions):
 
     def __post_init__(self):
         super().__post_init__()
-        if not isinstance(self.opset, int) or isinstance(self.opset, bool) or not MIN_OPSET <= self.opset <= MAX_OPSET:
-            raise UnsupportedError(f"opset {self.opset} is not supported: choose {MIN_OPSET}..{MAX_OPSET}")
+        check_opset(self.opset)
 
     def methods(self) -> list[str]:
         return [name for name, wanted in (("int8", self.int8), ("q4", self.int4), ("fp16", self.fp16)) if wanted]

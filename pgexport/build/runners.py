@@ -54,15 +54,6 @@ def thresholds_for(recipe: Recipe) -> dict:
     return resolved
 
 
-def eval_file_of(recipe: Recipe, stage: Stage, reference) -> Path | None:
-    """The held-out rows validate uses: the stage's file, or the demo split for the demo model."""
-    from pgexport.demo import CHECKPOINT_DIR, EVAL_FILE
-
-    if stage.config.eval_file:
-        return Path(stage.config.eval_file)
-    return EVAL_FILE if Path(reference).resolve() == CHECKPOINT_DIR.resolve() else None
-
-
 def input_hash(recipe: Recipe, stage: Stage, out: Path, source_hash: str) -> str:
     """What the stage reads, hashed: the checkpoint or earlier stage folder, the files its options
     name (eval, calibration, train), the artifacts it measures, and for bench this machine."""
@@ -133,7 +124,7 @@ def run_validate(recipe: Recipe, stage: Stage, folder: Path, out: Path, progress
     for reference, names in by_reference.items():
         checkpoint = load_checkpoint(reference, allow_pickle=recipe.allow_pickle)
         outputs = reference_outputs(checkpoint.model, checkpoint.processor,
-                                    eval_rows=eval_rows_for(checkpoint, eval_file_of(recipe, stage, reference)))
+                                    eval_rows=eval_rows_for(checkpoint, stage.config.eval_file))
         del checkpoint
         for name in names:
             hops = {dtype: check_hop(OnnxPaliGemma(out / name, dtype=dtype), outputs, thresholds[dtype])

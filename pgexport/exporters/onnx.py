@@ -25,11 +25,10 @@ import torch
 from onnx import helper, numpy_helper
 from torch.utils import _pytree as pytree
 
+from pgexport.config import DEFAULT_OPSET, check_opset
 from pgexport.contract import DECODER, EMBED, LOGITS, LOGITS_TO_KEEP, VISION, GraphSpec
-from pgexport.errors import UnsupportedError
 from pgexport.exporters.wrappers import Decoder, EmbedTokens, VisionEncoder
 
-MIN_OPSET, MAX_OPSET, DEFAULT_OPSET = 18, 23, 18
 # Above this a graph's weights go to one external-data file (protobuf's hard limit is 2 GiB).
 EXTERNAL_DATA_THRESHOLD = 1 << 30
 
@@ -168,12 +167,6 @@ def _add_logits_to_keep(model: onnx.ModelProto) -> None:
     position = list(model.graph.node).index(node)
     for offset, new in enumerate(nodes):
         model.graph.node.insert(position + offset, new)
-
-
-def check_opset(opset: int) -> int:
-    if not MIN_OPSET <= opset <= MAX_OPSET:
-        raise UnsupportedError(f"opset {opset} is not supported: choose {MIN_OPSET}..{MAX_OPSET}")
-    return opset
 
 
 def export_graph(model, spec: GraphExport, out_dir: Path, opset: int = DEFAULT_OPSET) -> Path:
