@@ -80,8 +80,7 @@ def export_onnx(model: str | Path | None = None, output: str | Path = "out", con
     from pgexport.validate import eval_rows_for, reference_outputs, validate as run_gate
 
     output, config = Path(output), make(ExportConfig, config, **options)
-    graphs = {key: value for key, value in config.graphs().items() if value}
-    variants = plan_variants(config.methods(), graphs)
+    variants = plan_variants(config.methods(), config.graphs())
     inputs = [model if model is not None else default_model(), config.eval_file, config.calibration]
     dtypes = ["fp32", *variants]
     started = time.perf_counter()
@@ -150,8 +149,7 @@ def quantize_artifact(artifact: str | Path, output: str | Path, config: Quantize
     from pgexport.validate import eval_rows_for, reference_outputs, validate as run_gate
 
     artifact, output, config = Path(artifact), Path(output), make(QuantizeConfig, config, **options)
-    graphs = {key: value for key, value in config.graphs().items() if value}
-    variants = plan_variants(list(config.methods), graphs)
+    variants = plan_variants(list(config.methods), config.graphs())
     if not variants:
         raise BadInputError("nothing to quantize: give --method or a per-graph precision (--vision, --decoder, --embed)")
     source_manifest = read_manifest(artifact)
