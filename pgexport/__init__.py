@@ -6,7 +6,7 @@ Python API (the CLI mirrors it one-to-one):
     to_coreml(model, output, ...)             checkpoint -> Core ML packages
     distill(teacher, output, ...)             teacher -> smaller student checkpoint
     validate_artifact(artifact, ...)          rerun the parity gate
-    build(recipe, output)                     every stage a recipe names, cached, gated, verified
+    pgexport.build.build(recipe, output)      every stage a recipe names, cached, gated, verified
 Each takes its stage's config (pgexport.config) or that config's fields as keywords.
     OnnxPaliGemma(artifact).generate(...)     run an artifact on ONNX Runtime
     load_checkpoint(model)                    load and check a PaliGemma checkpoint
@@ -22,7 +22,6 @@ _API = {
     "validate_artifact": "pgexport.validate",
     "OnnxPaliGemma": "pgexport.runtime",
     "load_checkpoint": "pgexport.load",
-    "build": "pgexport.build",
 }
 
 
