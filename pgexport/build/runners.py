@@ -29,7 +29,7 @@ def reference_of(recipe: Recipe, name: str, out: Path) -> str | Path:
     """The checkpoint an artifact stage's output came from (the root of its `input` chain): what
     validate compares it with."""
     stage = recipe.named(name)
-    while stage.kind in ONNX_ARTIFACTS and stage.kind != "onnx":
+    while stage.kind == "quantize":
         stage = recipe.named(stage.input)
     return source_of(recipe, stage, out)
 
