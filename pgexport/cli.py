@@ -12,9 +12,10 @@ from pathlib import Path
 import click
 
 from pgexport import __version__
-from pgexport.errors import EXIT_INTERNAL, BadInputError, GateFailedError, OutputError, PgExportError
+from pgexport.errors import EXIT_INTERNAL, BadInputError, GateFailedError, OutputError, PgExportError, missing_export_extra
 from pgexport.cli_options import cli_options, config_from, reads_checkpoint, run_options
 from pgexport.config import BenchConfig, ExportConfig, ValidateConfig
+from pgexport.contract import GRAPH_FORMATS
 from pgexport.tables import console, output_width, parity_table, print_sizes
 
 def quiet_third_party() -> None:
@@ -23,13 +24,20 @@ def quiet_third_party() -> None:
     'loading checkpoint' meanwhile) and its warnings (pgexport reports what matters itself: a missing
     weight is an error, not a warning), and the log lines of coremltools known to be harmless
     (pgexport.coreml.HARMLESS_COREMLTOOLS_LOGS; its bars are off during conversion). pgexport's own
-    progress (rich, on stderr) and errors stay."""
-    from transformers.utils import logging as transformers_logging
+    progress (rich, on stderr) and errors stay.
 
+    transformers is not imported for this (commands that run an artifact never import it): the
+    environment variables it and huggingface_hub read at import do the same, unless the user set them."""
     from pgexport.coreml import COREMLTOOLS_LOGGERS, HARMLESS_COREMLTOOLS_FILTER
 
-    transformers_logging.set_verbosity_error()
-    transformers_logging.disable_progress_bar()
+    if "transformers" in sys.modules:  # already imported (the CLI called from Python): set it directly
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.set_verbosity_error()
+        transformers_logging.disable_progress_bar()
+    else:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     for name in COREMLTOOLS_LOGGERS:
         logging.getLogger(name).addFilter(HARMLESS_COREMLTOOLS_FILTER)
 
@@ -61,6 +69,13 @@ class Command(click.Group):
             sys.exit(error.exit_code)
         except (click.exceptions.Exit, click.ClickException, click.Abort, SystemExit):
             raise
+        except ImportError as error:
+            unsupported = missing_export_extra(error)
+            if unsupported is None:
+                click.echo(f"internal error: {type(error).__name__}: {error}", err=True)
+                sys.exit(EXIT_INTERNAL)
+            click.echo(f"error: {unsupported}", err=True)
+            sys.exit(unsupported.exit_code)
         except KeyboardInterrupt:
             click.echo("interrupted: nothing was written at the output path", err=True)
             sys.exit(130)
@@ -121,8 +136,10 @@ def onnx_command(model, output, force, allow_pickle, as_json, **options):
               help="At most this many tokens per answer; capped (a line on stderr says so) to what the model's context leaves after the prompt.")
 @click.option("--dtype", help="Precision or variant among the manifest's dtypes (fp32, int8, q4, ...; default: the artifact's).")
 @click.option("--check", is_flag=True, help="Also check the sha256 of each graph file loaded against manifest.json (sizes are always checked).")
+@click.option("--graph-format", type=click.Choice(GRAPH_FORMATS), default="onnx", show_default=True,
+              help="Run the .onnx graphs, or the ORT format ones (.ort, ONNX Runtime Mobile's) an --ort-format export wrote.")
 @click.option("--json", "as_json", is_flag=True, help="Print text and token ids as JSON.")
-def generate_command(artifact, images, prompts, max_new_tokens, dtype, check, as_json):
+def generate_command(artifact, images, prompts, max_new_tokens, dtype, check, graph_format, as_json):
     """Answer prompts about images with an exported ARTIFACT on ONNX Runtime (greedy).
 
     A prompt (image tokens included) that leaves no room in the model's context is refused (exit 4).
@@ -135,7 +152,8 @@ def generate_command(artifact, images, prompts, max_new_tokens, dtype, check, as
     if len(prompts) != len(images):
         raise BadInputError(f"{len(prompts)} prompts for {len(images)} images: give one prompt, or one per image")
     loaded = [open_image(path) for path in images]
-    results = OnnxPaliGemma(artifact, dtype=dtype, check=check).generate(loaded, list(prompts), max_new_tokens=max_new_tokens)
+    runtime = OnnxPaliGemma(artifact, dtype=dtype, check=check, graph_format=graph_format)
+    results = runtime.generate(loaded, list(prompts), max_new_tokens=max_new_tokens)
     if as_json:
         rows = [{"image": str(i), "prompt": p, "text": r.text, "tokens": r.tokens} for i, p, r in zip(images, prompts, results)]
         click.echo(json.dumps(rows if len(rows) > 1 else rows[0], indent=2))

@@ -153,6 +153,8 @@ class ExportConfig(QuantizeOptions, GraphPrecisions):
     opset: int = option(DEFAULT_OPSET, f"ONNX opset ({MIN_OPSET}..{MAX_OPSET}).")
     validate: bool = option(True, "Run the parity gate against PyTorch.")
     eval_file: str | None = option(None, "JSONL of held-out rows for the exact-match check.")
+    ort_format: bool = option(False, "Also write every graph in the ORT format (onnx/*.ort, for ONNX Runtime Mobile) and "
+                                     "onnx/required_operators.config (the ops a reduced build needs).")
 
     def __post_init__(self):
         super().__post_init__()
@@ -171,6 +173,8 @@ class QuantizeConfig(QuantizeOptions, GraphPrecisions):
     reference: str | None = option(None, "Checkpoint the gate compares with (default: the manifest's source).")
     validate: bool = option(True, "Run the parity gate against PyTorch.")
     eval_file: str | None = option(None, "JSONL of held-out rows for the exact-match check.")
+    ort_format: bool = option(False, "Also write every graph (the input's too) in the ORT format (onnx/*.ort, for ONNX "
+                                     "Runtime Mobile) and onnx/required_operators.config.")
 
 
 @dataclass(frozen=True)

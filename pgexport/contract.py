@@ -102,9 +102,16 @@ GRAPH_NAMES = tuple(spec.name for spec in GRAPHS)
 BY_OPTION = {spec.option: spec for spec in GRAPHS}  # CLI / recipe key -> graph
 
 
-def graph_path(folder: str | Path, graph: str, precision: str = "fp32") -> Path:
-    """Where an artifact keeps `graph` (a name in GRAPH_NAMES) at `precision`."""
-    return Path(folder) / "onnx" / f"{graph}{DTYPE_SUFFIX[precision]}.onnx"
+# File formats of a graph: ONNX, and (with --ort-format) ONNX Runtime's flatbuffer format, which
+# reduced-size builds (ONNX Runtime Mobile) load: onnx/<graph><suffix>.ort beside each .onnx, plus
+# the operators every .ort graph uses, the input of a reduced-operator build (pgexport.exporters.ort_format).
+GRAPH_FORMATS = ("onnx", "ort")
+ORT_OPERATORS_CONFIG = "onnx/required_operators.config"
+
+
+def graph_path(folder: str | Path, graph: str, precision: str = "fp32", graph_format: str = "onnx") -> Path:
+    """Where an artifact keeps `graph` (a name in GRAPH_NAMES) at `precision`, in `graph_format`."""
+    return Path(folder) / "onnx" / f"{graph}{DTYPE_SUFFIX[precision]}.{graph_format}"
 
 
 # ---- Core ML packages: one-image, stateful decoder (pgexport.coreml) ----

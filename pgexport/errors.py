@@ -56,3 +56,17 @@ def import_optional(module: str, extra: str):
         return importlib.import_module(module)
     except ImportError as error:
         raise UnsupportedError(f"{module} is not installed: pip install 'pgexport[{extra}]' ({error})") from error
+
+
+# Top-level modules of the `export` extra (pyproject.toml): the base install runs artifacts only.
+EXPORT_MODULES = ("torch", "transformers", "onnx", "onnxscript", "safetensors", "yaml", "accelerate")
+
+
+def missing_export_extra(error: ImportError) -> UnsupportedError | None:
+    """The exit-7 error for a command run without the exporter's dependencies, or None when the
+    missing module is not one of them (then it is a bug)."""
+    module = (getattr(error, "name", None) or "").split(".")[0]
+    if module not in EXPORT_MODULES:
+        return None
+    return UnsupportedError(f"{module} is not installed: this command needs the exporter, pip install 'pgexport[export]' "
+                            "(the base install runs artifacts only: generate, verify)")

@@ -13,17 +13,16 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 import pgexport
+from pgexport.card import license_note, onnx_card, write_card
 from pgexport.errors import BadInputError, GateFailedError
 from pgexport.config import ExportConfig, QuantizeConfig, make, options_of
 from pgexport.contract import GRAPH_NAMES, graph_path
+from pgexport.exporters import ort_format
 from pgexport.exporters.onnx import export_graphs
 from pgexport.load import Checkpoint, default_model, load_checkpoint
 from pgexport.manifest import MANIFEST, read_manifest, require_files, sha256_file, write_manifest
 from pgexport.output import check_output, staging_folder
 from pgexport.quantize.artifact import plan_variants, quantize_variants, size_report
-
-LICENSE_NOTE = "Gemma weights are subject to the Gemma Terms of Use (https://ai.google.dev/gemma/terms)."
-
 
 @contextlib.contextmanager
 def stages(total: int, enabled: bool = True, console: Console | None = None):
@@ -85,12 +84,14 @@ def export_onnx(model: str | Path | None = None, output: str | Path = "out", con
     dtypes = ["fp32", *variants]
     started = time.perf_counter()
     with (staging_folder(output, force, inputs) as staging,
-          stages(4 + bool(variants) + 2 * config.validate, progress) as advance):
+          stages(4 + bool(variants) + config.ort_format + 2 * config.validate, progress) as advance):
         advance("loading checkpoint")
         checkpoint = load_checkpoint(model, allow_pickle=allow_pickle)
         advance("exporting ONNX graphs")
         (staging / "onnx").mkdir()
         export_graphs(checkpoint.model, staging / "onnx", config.opset)
+        if config.ort_format:
+            ort_format.check_fits(staging)  # a graph over 2 GiB fails here, before quantizing
         advance("saving config, tokenizer and processor")
         save_model_files(checkpoint, staging)
         fields = {
@@ -101,7 +102,7 @@ def export_onnx(model: str | Path | None = None, output: str | Path = "out", con
             "dtypes": dtypes,
             "default_dtype": dtypes[-1],
             "variants": variants,
-            "license": LICENSE_NOTE,
+            "license": license_note({"checkpoint": checkpoint.source}),
         }
         if config.validate:
             advance("running the PyTorch reference")
@@ -113,6 +114,9 @@ def export_onnx(model: str | Path | None = None, output: str | Path = "out", con
             advance(f"quantizing ({', '.join(variants)})")
             fields["quantization"] = quantize_variants(staging, variants, config, progress=False)
             fields["sizes"] = size_report(staging, variants)
+        if config.ort_format:
+            advance("writing ORT format graphs")
+            fields["ort_format"] = ort_format.convert(staging)  # before the manifest: listed and hashed
         write_manifest(staging, **fields, parity=None)  # the runtime reads dtypes from it
         parity = None
         if config.validate:
@@ -120,6 +124,7 @@ def export_onnx(model: str | Path | None = None, output: str | Path = "out", con
             parity = run_gate(staging, reference, dtypes)
         advance("writing manifest")
         fields["export_seconds"] = round(time.perf_counter() - started, 2)
+        write_card(staging, onnx_card({**fields, "parity": parity}))  # before the manifest: listed and hashed
         manifest = write_manifest(staging, **fields, parity=parity)
     _raise_if_failed(parity)
     return manifest
@@ -162,10 +167,14 @@ def quantize_artifact(artifact: str | Path, output: str | Path, config: Quantize
     check_output(output, force, inputs)
     require_files(artifact, source_manifest)
     _check_sources(artifact, variants)
+    if config.ort_format:
+        ort_format.check_fits(artifact)  # its graphs are converted too
     dtypes = list(dict.fromkeys([*source_manifest.get("dtypes", ["fp32"]), *variants]))
-    remade = _graph_files(artifact, variants)  # made anew in the output, so never links to the input's
+    # Made anew in the output, so never links to the input's (.ort files and their config: anew with
+    # --ort-format, else left out, since they would not cover the new variants).
+    remade = _graph_files(artifact, variants) | ort_format.ort_files(source_manifest)
     started = time.perf_counter()
-    with staging_folder(output, force, inputs) as staging, stages(4 + config.validate, progress) as advance:
+    with staging_folder(output, force, inputs) as staging, stages(4 + config.ort_format + config.validate, progress) as advance:
         advance("linking the input artifact")
         for name in sorted(set(source_manifest.get("files", {})) - remade):
             _link_or_copy(artifact / name, staging / name)
@@ -192,6 +201,10 @@ def quantize_artifact(artifact: str | Path, output: str | Path, config: Quantize
             quantized_from={"artifact": str(artifact), "sha256_manifest": sha256_file(artifact / MANIFEST)},
             sizes=size_report(staging, {**source_manifest.get("variants", {}), **variants}),
         )
+        fields.pop("ort_format", None)  # the input's .ort files were not linked
+        if config.ort_format:
+            advance("writing ORT format graphs")
+            fields["ort_format"] = ort_format.convert(staging)
         write_manifest(staging, **fields, parity=None)
         parity = None
         if config.validate:
@@ -199,6 +212,7 @@ def quantize_artifact(artifact: str | Path, output: str | Path, config: Quantize
             parity = run_gate(staging, reference_run, list(variants))
         advance("writing manifest")
         fields["quantize_seconds"] = round(time.perf_counter() - started, 2)
+        write_card(staging, onnx_card({**fields, "parity": parity}))  # a new file, not the input's linked README
         manifest = write_manifest(staging, **fields, parity=parity)
     _raise_if_failed(parity)
     return manifest

@@ -19,6 +19,7 @@ from pgexport.contract import (
     DECODER,
     DTYPE_SUFFIX,
     EMBED,
+    GRAPH_FORMATS,
     GRAPH_NAMES,
     INPUT_IDS,
     INPUTS_EMBEDS,
@@ -31,9 +32,13 @@ from pgexport.contract import (
 )
 from pgexport.errors import BadInputError, UnsupportedError
 from pgexport.manifest import MANIFEST, read_manifest, require_files
+from pgexport.processor import Processor
 
 log = logging.getLogger(__name__)
 
+# transformers' default max_position_embeddings of GemmaConfig and Gemma2Config, which a saved
+# config.json omits (it writes only what differs from the default).
+GEMMA_CONTEXT = 8192
 _ORT_FLOAT = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 # Decoded pixels an image may have, read from its header before decoding: a 12000 x 12000 PNG is a
 # 17 KB file that decodes to 432 MB of RGB and more in the processor. (PIL's own bomb limit is 89M.)
@@ -63,6 +68,7 @@ def to_rgb(image: Image.Image, name: str = "image") -> Image.Image:
     16-bit gray (value / 257, rounded) and float images (0..1 when every value is in that range,
     else 0..255: PIL's scale for "F") are scaled to 8 bits; `convert("RGB")` would clip them.
     PIL itself opens a 16-bit RGB(A) PNG as 8-bit, keeping each value's high byte.
+    Transparent pixels are composited over white, as transformers' processor does.
     """
     width, height = image.size
     if width * height > MAX_IMAGE_PIXELS:
@@ -72,6 +78,9 @@ def to_rgb(image: Image.Image, name: str = "image") -> Image.Image:
     elif image.mode == "F":
         values = np.nan_to_num(np.asarray(image, dtype=np.float64))
         image = _gray8(values * 255 if 0 <= values.min() and values.max() <= 1 else values)
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        # As transformers' convert_to_rgb: transparency over white (convert("RGB") would drop alpha).
+        image = Image.alpha_composite(Image.new("RGBA", image.size, (255, 255, 255, 255)), image.convert("RGBA"))
     return image.convert("RGB")
 
 
@@ -110,7 +119,8 @@ def left_pad_positions(attention_mask: np.ndarray) -> np.ndarray:
 
 
 def prepare_inputs(processor, images: list[Image.Image], prompts: list[str]) -> dict[str, np.ndarray]:
-    """Processor output for a batch: input_ids, attention_mask (left-padded), pixel_values."""
+    """transformers' processor output for a batch: input_ids, attention_mask (left-padded),
+    pixel_values (the reference side: validate, Core ML parity; the runtime has its own)."""
     processor.tokenizer.padding_side = "left"
     images = [to_rgb(image) for image in images]
     # One "<image>" per prompt: the processor expands it to the image's tokens and adds bos and "\n".
@@ -148,15 +158,16 @@ class OnnxPaliGemma:
     A folder without manifest.json (an export's staging folder, before its manifest is written:
     calibration and fp16 conversion run its graphs) opens in fp32 only, with no file check.
 
+    `graph_format` "ort" loads each graph's ONNX Runtime format file (onnx/<graph><suffix>.ort,
+    written by --ort-format) instead of its .onnx, checked against the manifest the same way.
+
     `prefill_rows` > 0 runs the prompt through the decoder that many rows at a time (the KV
     caches are joined along the batch): the same outputs, with the prefill's activations held for
     those rows only (a batch of 4 at 896 px is a 16k-token prefill). Decoding stays batched.
     """
 
     def __init__(self, folder: str | Path, dtype: str | dict | None = None, providers: list[str] | None = None,
-                 threads: int = 0, prefill_rows: int = 0, check: bool = False):
-        from transformers import AutoConfig, AutoProcessor
-
+                 threads: int = 0, prefill_rows: int = 0, check: bool = False, graph_format: str = "onnx"):
         self.folder = Path(folder)
         if prefill_rows < 0:
             raise BadInputError(f"prefill_rows {prefill_rows}: give 0 (the whole batch) or a positive row count")
@@ -172,15 +183,18 @@ class OnnxPaliGemma:
             raise BadInputError(f"{folder}: not a pgexport ONNX artifact (its manifest.json is a {kind} one)")
         if not (self.folder / "onnx").is_dir():
             raise BadInputError(f"{folder}: not a pgexport ONNX artifact (no onnx/ folder)")
+        if graph_format not in GRAPH_FORMATS:
+            raise BadInputError(f"unknown graph format {graph_format!r}: choose from {', '.join(GRAPH_FORMATS)}")
+        self.graph_format = graph_format
         self.dtype, self.graph_dtypes, paths = self._graph_files(dtype)
         check_graph_files(self.folder, self.manifest, list(paths.values()), sha256=check)
         self.config = json.loads((self.folder / "config.json").read_text())
-        self.processor = AutoProcessor.from_pretrained(self.folder)
-        self.image_token_id = self.config["image_token_index"]
-        # Positions the decoder has (config.json may leave the Gemma default out).
-        self.context = AutoConfig.from_pretrained(self.folder).text_config.max_position_embeddings
-        self.eos_token_id = self.processor.tokenizer.eos_token_id
-        self.pad_token_id = self.processor.tokenizer.pad_token_id
+        self.processor = Processor(self.folder)
+        self.image_token_id = self.config.get("image_token_index", self.processor.image_token_id)
+        # Positions the decoder has: config.json leaves out what equals the Gemma / Gemma2 default.
+        self.context = self.config.get("text_config", {}).get("max_position_embeddings", GEMMA_CONTEXT)
+        self.eos_token_id = self.processor.eos_token_id
+        self.pad_token_id = self.processor.pad_token_id
         self.sessions = {graph: open_session(path, threads, providers) for graph, path in paths.items()}
         decoder = self.sessions[DECODER.name]
         self.past_inputs = [i for i in decoder.get_inputs() if i.name.startswith(f"{PAST}.")]
@@ -212,19 +226,26 @@ class OnnxPaliGemma:
         for graph, precision in graph_dtypes.items():
             if precision not in DTYPE_SUFFIX or graph not in GRAPH_NAMES:
                 raise BadInputError(f"unknown dtype {precision!r} for {graph}: choose from {', '.join(DTYPE_SUFFIX)}")
+        as_ort = self.graph_format == "ort"
+        if as_ort and not any((self.folder / "onnx").glob("*.ort")):
+            raise BadInputError(f"{self.folder} has no ORT format graphs (onnx/*.ort): export it with --ort-format")
         precisions, paths = {}, {}
         for graph in GRAPH_NAMES:
             precision = graph_dtypes.get(graph, "fp32")
-            path = graph_path(self.folder, graph, precision)
-            if not path.is_file() and name != "custom":
-                precision, path = "fp32", graph_path(self.folder, graph, "fp32")
+            # A precision with no file in either format runs in fp32; one with an .onnx but no .ort is missing.
+            if name != "custom" and not any(graph_path(self.folder, graph, precision, f).is_file() for f in GRAPH_FORMATS):
+                precision = "fp32"
+            path = graph_path(self.folder, graph, precision, self.graph_format)
             if not path.is_file():
-                raise BadInputError(f"{self.folder}: missing {path.relative_to(self.folder)}")
+                hint = " (the ORT format graphs are written by --ort-format)" if as_ort else ""
+                raise BadInputError(f"{self.folder}: missing {path.relative_to(self.folder)}{hint}")
             precisions[graph], paths[graph] = precision, path
         return name, precisions, paths
 
     def preprocess(self, images: list[Image.Image], prompts: list[str]) -> dict[str, np.ndarray]:
-        return prepare_inputs(self.processor, images, prompts)
+        """input_ids, attention_mask (left-padded) and pixel_values, as PaliGemmaProcessor makes them
+        (pgexport.processor, without torch or transformers)."""
+        return self.processor([to_rgb(image) for image in images], prompts)
 
     def prefill_embeds(self, input_ids: np.ndarray, pixel_values: np.ndarray, on_step: StepHook | None = None) -> np.ndarray:
         """Token embeddings with the image features written into the `<image>` slots. `on_step`
@@ -345,6 +366,6 @@ class OnnxPaliGemma:
         for row in new_tokens.tolist():
             if self.eos_token_id in row:
                 row = row[: row.index(self.eos_token_id) + 1]
-            text = self.processor.tokenizer.decode(row, skip_special_tokens=True)
+            text = self.processor.decode(row, skip_special_tokens=True)
             results.append(Generation(tokens=row, text=text.strip()))
         return results

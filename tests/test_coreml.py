@@ -121,7 +121,7 @@ def test_conversion_writes_checked_packages(int4_artifact):
     assert ops["constexpr_blockwise_shift_scale"] > 0
     metadata = decoder.description.metadata
     assert metadata.userDefined["pgexport.source_sha256"] == manifest["source"]["sha256"]
-    assert "Gemma" in metadata.license and decoder.description.input[0].shortDescription
+    assert metadata.license == manifest["license"] and decoder.description.input[0].shortDescription
     # int4 per block: well under half of the fp16 package; the tied embedding is stored once.
     for entry in manifest["packages"].values():
         assert entry["bytes"] < 0.5 * entry["fp16_bytes"]
@@ -130,6 +130,14 @@ def test_conversion_writes_checked_packages(int4_artifact):
     problems = check_spec(output, wrong)
     for expected in ("input input_ids shape ranges", "state key_cache", "no constexpr_lut_to_dense"):
         assert any(expected in problem for problem in problems), (expected, problems)
+
+
+def test_conversion_writes_a_model_card(int4_artifact):
+    """README.md is a Hub model card (front matter, figures from the manifest, the Swift loop), listed
+    in manifest.json (tests/test_model_card.py)."""
+    from test_model_card import check_coreml_card
+
+    check_coreml_card(int4_artifact[0])
 
 
 def test_validate_on_linux_says_runtime_parity_was_skipped(int4_artifact, tmp_path):

@@ -30,15 +30,13 @@ from pgexport.contract import (
     VALUE_CACHE,
     PackageSpec,
 )
+from pgexport.card import coreml_card, license_note, write_card
 from pgexport.coreml import harmless_coremltools_logs_dropped
 from pgexport.errors import BadInputError, GateFailedError, UnsupportedError, import_optional
 
 CONTEXT_AFTER_IMAGE = 512  # default --max-context: the image tokens plus this many prompt + answer tokens
 FORMAT = "pgexport-coreml/1"
 NUMPY_TYPES = {"float16": np.float16, "int32": np.int32}  # the contract's tensor dtypes
-LICENSE_NOTE = "Gemma weights are subject to the Gemma Terms of Use (https://ai.google.dev/gemma/terms)."
-
-
 def check_request(compress: str, target: str) -> None:
     """Refuse an unknown compression or target, and a target without Core ML state, before any work."""
     if compress not in COMPRESSIONS:
@@ -200,7 +198,7 @@ def describe(mlmodel, package: PackageSpec, fields: dict) -> None:
     text = package.describe()
     mlmodel.short_description = text["short"]
     mlmodel.author = f"pgexport {pgexport.__version__}"
-    mlmodel.license = LICENSE_NOTE
+    mlmodel.license = fields["license"]
     mlmodel.version = pgexport.__version__
     for name, description in text["inputs"].items():
         mlmodel.input_description[name] = description
@@ -213,7 +211,7 @@ def describe(mlmodel, package: PackageSpec, fields: dict) -> None:
         "pgexport.source": fields["source"]["checkpoint"],
         "pgexport.source_sha256": fields["source"]["sha256"] or "unknown (hub id)",
         "pgexport.compression": fields["options"]["compress"],
-        "pgexport.license": LICENSE_NOTE,
+        "pgexport.license": fields["license"],
     }
     for key, value in metadata.items():
         mlmodel.user_defined_metadata[key] = str(value)
@@ -290,7 +288,7 @@ def to_coreml(model: str | Path | None = None, output: str | Path = "out-coreml"
             "pgexport_version": pgexport.__version__,
             "source": {"checkpoint": checkpoint.source, "sha256": checkpoint.sha256, "family": checkpoint.family},
             "options": {"compress": compress, "target": target, "max_context": max_context, "validate": validate},
-            "license": LICENSE_NOTE,
+            "license": license_note({"checkpoint": checkpoint.source}),
             "coremltools_version": ct.__version__,
         }
         memory = {"max_rss_gb_after_load": max_rss_gb()}
@@ -337,7 +335,6 @@ def to_coreml(model: str | Path | None = None, output: str | Path = "out-coreml"
         layout = prompt_layout(checkpoint, max_context, state_shape)
         save_model_files(checkpoint, staging)
         (staging / "prompt_layout.json").write_text(json.dumps(layout, indent=2) + "\n")
-        (staging / "README.md").write_text(package_readme.render(layout, fields, packages))
         del checkpoint
         advance("checking the saved specs")
         expected = {"target": target, "compress": compress, "max_context": max_context, "state_shape": state_shape,
@@ -348,6 +345,9 @@ def to_coreml(model: str | Path | None = None, output: str | Path = "out-coreml"
         shutil.rmtree(scratch_files)  # coremltools' temporary packages, all saved or released by now
         fields.update(packages=packages, memory=memory, spec_check=spec, parity=parity,
                       export_seconds=round(time.perf_counter() - started, 2))
+        # The model card (front matter, parity, sizes, the Swift loop) from the manifest's own fields,
+        # written before the manifest so that manifest.json lists and hashes it.
+        write_card(staging, coreml_card(fields, package_readme.render(layout, fields, packages)))
         manifest = write_manifest(staging, **fields)
     failures = (parity["wrappers"] or {}).get("failures", []) + spec["problems"]
     if failures:

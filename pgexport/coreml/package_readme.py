@@ -1,4 +1,5 @@
-"""README.md written beside the packages: what each file is and a Swift loop that drives them.
+"""The Core ML part of the folder's README.md (the model card, pgexport.card, puts its front matter,
+source, parity and sizes above it): what each file is and a Swift loop that drives the packages.
 Package, input, output and state names come from the contract (pgexport.contract)."""
 
 from __future__ import annotations
@@ -15,10 +16,9 @@ from pgexport.contract import (
     VALUE_CACHE,
 )
 
-TEMPLATE = """# PaliGemma for Core ML (pgexport {version})
+TEMPLATE = """## Files
 
-Source: `{source}` (sha256 of weights `{sha256}`), {family}. Compression: `{compress}`. Target: {target}.
-{license}
+Compression: `{compress}`. Target: {target}.
 
 | file | what |
 |---|---|
@@ -89,13 +89,8 @@ def render(layout: dict, fields: dict, packages: dict) -> str:
         return f" ({entry['bytes'] / 1e6:.1f} MB)" if entry else ""
 
     return TEMPLATE.format(
-        version=fields["pgexport_version"],
-        source=fields["source"]["checkpoint"],
-        sha256=fields["source"]["sha256"],
-        family=fields["source"]["family"],
         compress=fields["options"]["compress"],
         target=fields["options"]["target"],
-        license=fields["license"],
         size=layout["image_size"],
         n_img=layout["num_image_tokens"],
         state=layout["state_shape"],

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from pgexport.card import student_card, write_card
 from pgexport.config import DistillConfig, make
 from pgexport.distill.data import DemoTaskRows, FileRows, collate
 from pgexport.distill.loss import distill_loss, hidden_pairs
@@ -318,7 +319,9 @@ def finish(run: Run, model, state: dict, output: Path, force: bool, last: dict, 
         model.save_pretrained(staging)
         save_model_files(Checkpoint(model, teacher.processor, "distilled", None, teacher.family), staging)
         write_report(report, staging)
-        write_manifest(staging, format=FORMAT, source={"teacher": teacher.source, "sha256": teacher.sha256},
-                       options=asdict(config))
+        fields = {"format": FORMAT, "source": {"teacher": teacher.source, "sha256": teacher.sha256},
+                  "options": asdict(config)}
+        write_card(staging, student_card(fields, report))  # before the manifest: listed and hashed
+        write_manifest(staging, **fields)
     return report
 

@@ -28,6 +28,7 @@ import onnx
 
 from pgexport.contract import DECODER, EMBED, PAST, VISION, graph_path
 from pgexport.errors import BadInputError
+from pgexport.processor import Processor
 from pgexport.runtime import OnnxPaliGemma, open_image, open_session
 
 CALIBRATION_GRAPHS = (VISION.name, DECODER.name)
@@ -122,12 +123,10 @@ class PrefillFeeds(OnnxPaliGemma):
     are read from its graph without its weights."""
 
     def __init__(self, folder: Path, with_graphs: bool):
-        from transformers import AutoProcessor
-
         self.folder = folder
         self.config = json.loads((folder / "config.json").read_text())
-        self.processor = AutoProcessor.from_pretrained(folder)
-        self.image_token_id = self.config["image_token_index"]
+        self.processor = Processor(folder)
+        self.image_token_id = self.config.get("image_token_index", self.processor.image_token_id)
         self.float_type = self.pixel_type = np.float32  # fp32 graphs
         self.sessions, self.past_inputs = {}, []
         if with_graphs:
