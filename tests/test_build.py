@@ -183,7 +183,7 @@ def test_bench_stage_and_latency_gate(built, recipe, tmp_path):
     ({"stages": [{"stage": "quantise"}]},
      "stages[0].stage: unknown stage 'quantise'; allowed: onnx, quantize, coreml, distill, validate, bench, verify"),
     ({"stages": [{"stage": "onnx", "int9": True}]}, "stages[0]: unknown key 'int9'; allowed: name, input, int8, int4, fp16, "
-                                                    "opset, validate, eval_file, vision, decoder, embed"),
+                                                    "opset, validate, eval_file, ort_format, vision, decoder, embed"),
     ({"stages": [{"stage": "onnx", "int8": "yes"}]}, "stages[0].int8: expected true or false, got 'yes'"),
     ({"stages": [{"stage": "onnx", "opset": 99}]}, "stages[0]: opset 99 is not supported: choose 18..23"),
     ({"stages": [{"stage": "onnx"}, {"stage": "quantize", "input": "nope", "methods": ["q4"]}]},

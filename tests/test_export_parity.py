@@ -8,7 +8,7 @@ import pytest
 
 from pgexport.demo import sample_inputs
 from pgexport.manifest import sha256_file
-from pgexport.runtime import OnnxPaliGemma, prepare_inputs
+from pgexport.runtime import OnnxPaliGemma
 
 PRESETS = ["tiny-pg1", "tiny-pg1-mqa4", "tiny-pg2", "tiny-pg2-448"]
 
@@ -84,7 +84,7 @@ def test_logits_to_keep(artifact_factory, preset):
     _, artifact, _ = artifact_factory(preset)
     runtime = OnnxPaliGemma(artifact)
     images, prompts = zip(*sample_inputs(3))
-    feed = runtime.prefill_feed(**prepare_inputs(runtime.processor, list(images), list(prompts)))
+    feed = runtime.prefill_feed(**runtime.preprocess(list(images), list(prompts)))
     decoder = runtime.sessions["decoder_model_merged"]
     full = decoder.run(["logits"], feed)[0]
     assert full.shape[1] == feed["inputs_embeds"].shape[1]
