@@ -20,6 +20,7 @@ import yaml
 import pgexport
 from pgexport.contract import COREML_DECODER, COREML_VISION, GRAPH_NAMES
 from pgexport.demo import CHECKPOINT_DIR
+from pgexport.structured import JS_FILE, SWIFT_FILE
 
 CARD = "README.md"
 GEMMA_TERMS = "https://ai.google.dev/gemma/terms"
@@ -242,6 +243,10 @@ const output = await model.generate({{ ...inputs, max_new_tokens: 32, do_sample:
 const answer = processor.batch_decode(output.slice(null, [inputs.input_ids.dims.at(-1), null]), {{ skip_special_tokens: true }});
 console.log(answer[0]);
 ```
+
+`{JS_FILE}` (here, no dependencies) parses a `detect` answer into boxes in the image's own pixels:
+`parseDetections(answer[0], image.width, image.height)` -> `[{{ label, x0, y0, x1, y1, bins }}]`. In Python the
+same boxes are `Generation.boxes`, and `pgexport generate ... --json --draw boxes.png` prints and draws them.
 """
 
 
@@ -305,6 +310,14 @@ def coreml_size_section(packages: dict) -> str:
     return f"## Size\n\n{table(('package', 'size (MB)', 'fp16 size (MB)', 'x fp16'), rows)}"
 
 
+SWIFT_SECTION = f"""### Boxes
+
+`{SWIFT_FILE}` (here, Foundation only) parses a `detect` answer into boxes in the frame's own pixels:
+`parseDetections(tokenizer.decode(answer), width: frameWidth, height: frameHeight)` -> `[Detection]`
+(label, x0, y0, x1, y1, bins), the same boxes as pgexport's Python and JavaScript parsers.
+"""
+
+
 def coreml_card(fields: dict, swift: str) -> str:
     """The card of a Core ML folder; `swift` is pgexport.coreml.package_readme's files table and
     Swift loop."""
@@ -324,7 +337,7 @@ def coreml_card(fields: dict, swift: str) -> str:
     return "\n".join([front_matter(meta), intro, source_section(fields), coreml_parity_section(fields.get("parity")),
                       coreml_size_section(fields.get("packages") or {}),
                       "Check every file (this card included): `pgexport verify .`; on macOS, "
-                      "`pgexport validate .` runs the packages.\n", swift])
+                      "`pgexport validate .` runs the packages.\n", swift, SWIFT_SECTION])
 
 
 # ---- distilled students ----

@@ -138,28 +138,37 @@ def onnx_command(model, output, force, allow_pickle, as_json, **options):
 @click.option("--check", is_flag=True, help="Also check the sha256 of each graph file loaded against manifest.json (sizes are always checked).")
 @click.option("--graph-format", type=click.Choice(GRAPH_FORMATS), default="onnx", show_default=True,
               help="Run the .onnx graphs, or the ORT format ones (.ort, ONNX Runtime Mobile's) an --ort-format export wrote.")
-@click.option("--json", "as_json", is_flag=True, help="Print text and token ids as JSON.")
-def generate_command(artifact, images, prompts, max_new_tokens, dtype, check, graph_format, as_json):
+@click.option("--json", "as_json", is_flag=True, help="Print text, token ids and boxes (a detect answer's, in the image's pixels) as JSON.")
+@click.option("--draw", type=click.Path(path_type=Path),
+              help="Write each image with its answer's boxes drawn: one --image to DRAW; several to DRAW-0, DRAW-1, ... "
+                   "(out.png -> out-0.png, out-1.png). A file there is replaced; an input never is (exit 5).")
+def generate_command(artifact, images, prompts, max_new_tokens, dtype, check, graph_format, as_json, draw):
     """Answer prompts about images with an exported ARTIFACT on ONNX Runtime (greedy).
 
     A prompt (image tokens included) that leaves no room in the model's context is refused (exit 4).
     """
     from pgexport.errors import BadInputError
     from pgexport.runtime import OnnxPaliGemma, open_image
+    from pgexport.structured import draw_boxes, drawing_paths, save_drawing
 
     if len(prompts) == 1:
         prompts = prompts * len(images)
     if len(prompts) != len(images):
         raise BadInputError(f"{len(prompts)} prompts for {len(images)} images: give one prompt, or one per image")
+    drawings = drawing_paths(draw, len(images), [*images, artifact]) if draw else []  # before any work
     loaded = [open_image(path) for path in images]
     runtime = OnnxPaliGemma(artifact, dtype=dtype, check=check, graph_format=graph_format)
     results = runtime.generate(loaded, list(prompts), max_new_tokens=max_new_tokens)
     if as_json:
-        rows = [{"image": str(i), "prompt": p, "text": r.text, "tokens": r.tokens} for i, p, r in zip(images, prompts, results)]
+        rows = [{"image": str(i), "prompt": p, "text": r.text, "tokens": r.tokens, "boxes": [b.as_json() for b in r.boxes]}
+                for i, p, r in zip(images, prompts, results)]
         click.echo(json.dumps(rows if len(rows) > 1 else rows[0], indent=2))
     else:
         for result in results:
             click.echo(result.text)
+    for path, image, result in zip(drawings, loaded, results):
+        save_drawing(draw_boxes(image, result.boxes), path)
+        click.echo(f"drew {len(result.boxes)} box(es) on {path}", err=True)
 
 
 @main.command("validate")

@@ -23,6 +23,7 @@ from pgexport.load import Checkpoint, default_model, load_checkpoint
 from pgexport.manifest import MANIFEST, read_manifest, require_files, sha256_file, write_manifest
 from pgexport.output import check_output, staging_folder
 from pgexport.quantize.artifact import plan_variants, quantize_variants, size_report
+from pgexport.structured import copy_parsers
 
 @contextlib.contextmanager
 def stages(total: int, enabled: bool = True, console: Console | None = None):
@@ -124,6 +125,7 @@ def export_onnx(model: str | Path | None = None, output: str | Path = "out", con
             parity = run_gate(staging, reference, dtypes)
         advance("writing manifest")
         fields["export_seconds"] = round(time.perf_counter() - started, 2)
+        copy_parsers(staging)  # paligemma_structured.js: before the manifest, listed and hashed
         write_card(staging, onnx_card({**fields, "parity": parity}))  # before the manifest: listed and hashed
         manifest = write_manifest(staging, **fields, parity=parity)
     _raise_if_failed(parity)
@@ -212,6 +214,7 @@ def quantize_artifact(artifact: str | Path, output: str | Path, config: Quantize
             parity = run_gate(staging, reference_run, list(variants))
         advance("writing manifest")
         fields["quantize_seconds"] = round(time.perf_counter() - started, 2)
+        copy_parsers(staging)  # a new file too, not the input's linked one
         write_card(staging, onnx_card({**fields, "parity": parity}))  # a new file, not the input's linked README
         manifest = write_manifest(staging, **fields, parity=parity)
     _raise_if_failed(parity)

@@ -130,6 +130,15 @@ class Processor:
         text = self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
         return clean_up_tokenization(text) if self.clean_up_spaces else text
 
+    def decode_answer(self, ids: list[int]) -> str:
+        """An answer's text: special tokens (eos, pad, ...) left out, but `<locNNNN>` and `<segNNN>`
+        kept even where a tokenizer marks them special, since they are what detect and segment
+        prompts answer. (The demo's tokenizer and transformers' PaliGemmaProcessor add them as
+        plain tokens: there this is `decode(ids, skip_special_tokens=True)`.)"""
+        kept = set(EXTRA_TOKENS)
+        special = {i for i, token in self.tokenizer.get_added_tokens_decoder().items() if token.special and token.content not in kept}
+        return self.decode([i for i in ids if i not in special], skip_special_tokens=False)
+
 
 def clean_up_tokenization(text: str) -> str:
     """transformers' `clean_up_tokenization` (spaces before punctuation and English contractions),

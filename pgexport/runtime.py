@@ -33,6 +33,7 @@ from pgexport.contract import (
 from pgexport.errors import BadInputError, UnsupportedError
 from pgexport.manifest import MANIFEST, read_manifest, require_files
 from pgexport.processor import Processor
+from pgexport.structured import Box, parse_detections
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +56,14 @@ StepHook = Callable[[str], None]
 
 @dataclass
 class Generation:
-    """One row's result: new token ids (eos included when reached) and their decoded text."""
+    """One row's result: new token ids (eos included when reached), their decoded text (`<loc>` and
+    `<seg>` tokens kept, other special tokens left out) and the boxes of a detection answer in the
+    original image's pixels (pgexport.structured; [] when the text holds none)."""
 
     tokens: list[int]
     text: str
     logits: list[np.ndarray] = field(default_factory=list, repr=False)
+    boxes: list[Box] = field(default_factory=list)
 
 
 def to_rgb(image: Image.Image, name: str = "image") -> Image.Image:
@@ -363,9 +367,9 @@ class OnnxPaliGemma:
         inputs = self.preprocess(images, prompts)
         new_tokens, _ = self.generate_ids(**inputs, max_new_tokens=max_new_tokens)
         results = []
-        for row in new_tokens.tolist():
+        for row, (width, height) in zip(new_tokens.tolist(), [image.size for image in images]):
             if self.eos_token_id in row:
                 row = row[: row.index(self.eos_token_id) + 1]
-            text = self.processor.decode(row, skip_special_tokens=True)
-            results.append(Generation(tokens=row, text=text.strip()))
+            text = self.processor.decode_answer(row).strip()
+            results.append(Generation(tokens=row, text=text, boxes=parse_detections(text, width, height)))
         return results

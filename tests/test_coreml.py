@@ -107,7 +107,7 @@ def test_conversion_writes_checked_packages(int4_artifact):
     assert manifest["format"] == "pgexport-coreml/1"
     assert manifest["spec_check"]["problems"] == []
     assert verify(output) == []
-    for name in ("tokenizer.json", "tokenizer_config.json", "prompt_layout.json", "README.md", "config.json"):
+    for name in ("tokenizer.json", "tokenizer_config.json", "prompt_layout.json", "README.md", "config.json", "paligemma_structured.swift"):
         assert (output / name).is_file(), name
     layout = json.loads((output / "prompt_layout.json").read_text())
     assert layout["special_ids"]["image"] == 1250 and layout["num_image_tokens"] == 16 and layout["max_context"] == 64

@@ -268,6 +268,7 @@ def to_coreml(model: str | Path | None = None, output: str | Path = "out-coreml"
     from pgexport.manifest import write_manifest
     from pgexport.output import check_output, staging_folder, temp_files_in
     from pgexport.pipeline import save_model_files, stages
+    from pgexport.structured import copy_parsers
 
     output, config = Path(output), make(CoremlConfig, config, **options)
     compress, target, validate = config.compress, config.target, config.validate
@@ -347,6 +348,7 @@ def to_coreml(model: str | Path | None = None, output: str | Path = "out-coreml"
                       export_seconds=round(time.perf_counter() - started, 2))
         # The model card (front matter, parity, sizes, the Swift loop) from the manifest's own fields,
         # written before the manifest so that manifest.json lists and hashes it.
+        copy_parsers(staging, ("swift",))  # paligemma_structured.swift beside the packages: listed and hashed
         write_card(staging, coreml_card(fields, package_readme.render(layout, fields, packages)))
         manifest = write_manifest(staging, **fields)
     failures = (parity["wrappers"] or {}).get("failures", []) + spec["problems"]
