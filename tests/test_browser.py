@@ -1,7 +1,8 @@
 """The example page examples/web runs our artifact in a real browser: headless Chromium, transformers.js
 4.3.1 on onnxruntime-web (WASM), all served from localhost. Its greedy tokens equal PyTorch's (fp32)
-and pgexport's own ONNX Runtime result (int8); its latency is printed, and recorded in
-benchmarks/results/browser.md with PGEXPORT_BROWSER_RECORD=1.
+and pgexport's own ONNX Runtime result (int8); a `detect` answer keeps its <locNNNN> tokens and the
+page's boxes (parsed by the artifact's own paligemma_structured.js) are pgexport.structured's; its
+latency is printed, and recorded in benchmarks/results/browser.md with PGEXPORT_BROWSER_RECORD=1.
 
 Needs Node.js, npm and Chromium. Chromium is looked up as `chromium` / `chromium-browser`; when absent
 and we are root (or have passwordless sudo) Debian's package is installed with apt-get. The page's
@@ -23,16 +24,22 @@ import signal
 import statistics
 import subprocess
 import time
+import urllib.request
 from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
+from PIL import Image
+
+from pgexport.demo import EVAL_FILE, load_split
+from pgexport.structured import JS_FILE, parse_detections
 
 # The other client's helpers and its sample inputs (the demo's --int8 artifact, images saved at the
 # model's input size): both clients answer the same inputs. demo_js_artifact is a fixture.
 from test_transformersjs import (  # noqa: F401
     assert_same_generation,
     demo_js_artifact,
+    model_sized_image,
     ort_greedy,
     torch_greedy,
 )
@@ -43,6 +50,7 @@ RESULTS = ROOT / "benchmarks" / "results" / "browser.md"
 PINNED = {"@huggingface/transformers": "4.3.1", "puppeteer-core": "24.43.1"}
 NEW_TOKENS = 12
 LATENCY_TOKENS, LATENCY_RUNS = 32, 3
+DETECT_TOKENS = 24  # eos on: a two-object answer is 12 tokens and eos
 CHROMIUM_NAMES = ("chromium", "chromium-browser")
 NODE, NPM = shutil.which("node"), shutil.which("npm")
 COMMAND = "PGEXPORT_BROWSER_RECORD=1 .venv/bin/python -m pytest -q tests/test_browser.py"
@@ -145,16 +153,28 @@ def run_headless(spec: dict, folder: Path, timeout: float = 400) -> dict:
     return result
 
 
-def _request(image: Path, prompt: str, dtype: str, tokens: int, device: str = "wasm") -> dict:
+def _request(image: Path, prompt: str, dtype: str, tokens: int, device: str = "wasm", stop_at_eos: bool = False) -> dict:
     return {"model": "demo", "image": str(image), "prompt": prompt, "maxNewTokens": tokens, "dtype": dtype,
-            "stopAtEos": False, "device": device}
+            "stopAtEos": stop_at_eos, "device": device}
+
+
+def _detect_rows() -> list:
+    """Two `detect ...` rows of the eval split: the first with one object, the first with two."""
+    rows = [row for row in load_split(EVAL_FILE) if row.prefix.startswith("detect ")]
+    return [next(row for row in rows if row.suffix.count("<loc") == count) for count in (4, 8)]
+
+
+def _content_type(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=30) as response:
+        return response.headers["Content-Type"]
 
 
 @pytest.fixture(scope="module")
 def browser_run(chromium, web_packages, demo_js_artifact, tmp_path_factory) -> dict:
     """One headless Chromium session on the example page, serving the demo artifact as "demo": every
     sample at fp32 and int8 (NEW_TOKENS tokens, eos off), then LATENCY_RUNS timed runs of
-    LATENCY_TOKENS tokens per dtype; and a second session with --enable-unsafe-webgpu, to see which
+    LATENCY_TOKENS tokens per dtype, then two `detect` rows (fp32, eos on) whose boxes the page parses
+    with the artifact's paligemma_structured.js; and a second session with --enable-unsafe-webgpu, to see which
     WebGPU adapter Chromium offers then (and, with PGEXPORT_BROWSER_WEBGPU=1, to time two runs on it)."""
     _, artifact, samples = demo_js_artifact
     server, url = _serve_module().serve_in_thread({"demo": artifact})
@@ -163,6 +183,12 @@ def browser_run(chromium, web_packages, demo_js_artifact, tmp_path_factory) -> d
         requests = [_request(image, prompt, dtype, NEW_TOKENS) for dtype in ("fp32", "int8") for image, prompt in samples]
         image, prompt = samples[0]
         requests += [_request(image, prompt, dtype, LATENCY_TOKENS) for dtype in ("fp32", "int8") for _ in range(LATENCY_RUNS)]
+        detect = []
+        for i, row in enumerate(_detect_rows()):
+            with Image.open(row.image) as opened:
+                detect.append((row, model_sized_image(opened, artifact, folder, f"detect{i}")))
+        requests += [_request(path, row.prefix, "fp32", DETECT_TOKENS, stop_at_eos=True) for row, path in detect]
+        content_types = {name: _content_type(url + name) for name in ("main.js", f"models/demo/{JS_FILE}")}
         webgpu_runs = os.environ.get("PGEXPORT_BROWSER_WEBGPU") == "1"
         load_before = os.getloadavg()[0]
         start = time.monotonic()
@@ -178,12 +204,15 @@ def browser_run(chromium, web_packages, demo_js_artifact, tmp_path_factory) -> d
     errors = [r["error"] for r in run["results"] + unsafe["results"] if "error" in r]
     assert not errors, f"the page failed:\n{errors[0]}\n{run['console'][-3000:]}"
     count = len(samples)
+    timed = 2 * count + 2 * LATENCY_RUNS
     return {
         **run,
         "fp32": run["results"][:count],
         "int8": run["results"][count : 2 * count],
         "latency": {"fp32": run["results"][2 * count : 2 * count + LATENCY_RUNS],
-                    "int8": run["results"][2 * count + LATENCY_RUNS :]},
+                    "int8": run["results"][2 * count + LATENCY_RUNS : timed]},
+        "detect": [(row, path, result) for (row, path), result in zip(detect, run["results"][timed:], strict=True)],
+        "content_types": content_types,
         "unsafe_webgpu": unsafe,
         "samples": samples,
         "chromium": chromium,
@@ -218,6 +247,42 @@ def test_browser_timed_runs_repeat_the_same_tokens(browser_run):
         assert all(r["tokens"] == runs[0]["tokens"] for r in runs), dtype
         assert runs[0]["tokens"][:NEW_TOKENS] == browser_run[dtype][0]["tokens"], dtype
         assert len(runs[0]["tokens"]) == LATENCY_TOKENS
+
+
+# ---------------------------------------------------------------------------------------------
+# Boxes: the artifact's own parser (paligemma_structured.js), imported by the page.
+
+
+def _boxes(boxes) -> list[tuple]:
+    """(label, x0, y0, x1, y1, bins) of the page's boxes (dicts) or pgexport.structured's (Box)."""
+    return [(b["label"], b["x0"], b["y0"], b["x1"], b["y1"], tuple(b["bins"])) if isinstance(b, dict)
+            else (b.label, b.x0, b.y0, b.x1, b.y1, b.bins) for b in boxes]
+
+
+def test_browser_serves_javascript_modules(browser_run):
+    """Module scripts need a JavaScript MIME type: the page's own and the artifact's parser."""
+    for name, content_type in browser_run["content_types"].items():
+        assert content_type.startswith("text/javascript"), (name, content_type)
+
+
+def test_browser_boxes_are_the_parsers(browser_run):
+    """A detect answer keeps its <locNNNN> tokens, and the page's boxes (from the artifact's
+    paligemma_structured.js, in the original image's pixels) are pgexport.structured's of the same
+    text and image size, and the boxes of the row's expected answer."""
+    for row, image, result in browser_run["detect"]:
+        with Image.open(image) as opened:
+            width, height = opened.size
+        assert result["parser_url"].endswith(f"/models/demo/{JS_FILE}"), result["boxes_note"]
+        assert (result["image_width"], result["image_height"]) == (width, height)
+        assert "<loc" in result["text"], f"{row.prefix!r}: the page's text lost the location tokens: {result['text']!r}"
+        page = _boxes(result["boxes"])
+        assert page == _boxes(parse_detections(result["text"], width, height)), row.prefix
+        assert page == _boxes(parse_detections(row.suffix, width, height)), (row.prefix, result["text"], row.suffix)
+    assert [len(result["boxes"]) for _, _, result in browser_run["detect"]] == [1, 2]
+    # Every other answer too: the same boxes as the Python parser ([] for one with no box).
+    for result in browser_run["fp32"] + browser_run["int8"]:
+        width, height = result["image_width"], result["image_height"]
+        assert _boxes(result["boxes"]) == _boxes(parse_detections(result["text"], width, height)), result["text"]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,7 +5,12 @@
 //
 // For scripts (tests/test_browser.py drives it in headless Chromium):
 //   await window.pgexportGenerate({model, imageUrl, prompt, maxNewTokens, dtype, stopAtEos, device})
-//     -> {tokens, text, input_ids, ms, first_token_ms, decode_ms_per_token, load_ms, dtype, ...}
+//     -> {tokens, text, boxes, image_width, image_height, input_ids, ms, first_token_ms,
+//         decode_ms_per_token, load_ms, dtype, ...}
+//   `text` keeps the <locNNNN> / <segNNN> tokens; `boxes` is the artifact's own parser
+//   (/models/<name>/paligemma_structured.js, parseDetections) on it: [{label, x0, y0, x1, y1, bins,
+//   score}] in the original image's pixels ([] for an answer with no box), or null when the artifact
+//   has no parser (`boxes_note` says why).
 //   await window.pgexportEnvironment() -> {webgpu, webgpu_adapter, cross_origin_isolated, threads, ...}
 //   window.pgexportReady is true once this module has loaded.
 //
@@ -24,6 +29,14 @@ import {
 const GRAPHS = ['vision_encoder', 'embed_tokens', 'decoder_model_merged'];
 // pgexport's file suffixes, which are transformers.js's dtype suffixes too.
 const SUFFIXES = { fp32: '', fp16: '_fp16', int8: '_int8', q4: '_q4' };
+// Graphs whose file of that precision onnxruntime-web's WASM backend cannot run: the 8- and 4-bit
+// token tables are a GatherBlockQuantized (com.microsoft) node, which only its WebGPU (JSEP) kernels
+// implement. On WASM that graph loads its fp32 file, which every artifact has.
+const WASM_UNSUPPORTED = { embed_tokens: new Set(['int8', 'q4']) };
+// The artifact's own detection parser (pgexport copies it into every ONNX artifact).
+const PARSER_FILE = 'paligemma_structured.js';
+// Tokens an answer keeps even where a tokenizer marks them special (as pgexport's decode_answer does).
+const ANSWER_TOKEN = /^<(?:loc[0-9]{4}|seg[0-9]{3})>$/;
 
 // Local files only, from this server.
 env.allowRemoteModels = false;
@@ -60,16 +73,48 @@ async function hasFile(model, file) {
     return Boolean(response?.ok);
 }
 
-// Per-graph dtype: a graph without a file of that precision stays fp32 (embed_tokens has no _int8
-// file), as in pgexport's own runtime.
-async function dtypeMap(model, dtype) {
+// Per-graph dtype: a graph without a file of that precision stays fp32 (older --int8 artifacts have
+// no embed_tokens_int8), as in pgexport's own runtime; so does one WASM cannot run (WASM_UNSUPPORTED).
+async function dtypeMap(model, dtype, device = 'wasm') {
     const suffix = SUFFIXES[dtype];
     if (suffix === undefined) throw new Error(`unsupported dtype ${dtype}: one of ${Object.keys(SUFFIXES).join(', ')}`);
     const map = {};
     for (const graph of GRAPHS) {
-        map[graph] = suffix === '' || (await hasFile(model, `onnx/${graph}${suffix}.onnx`)) ? dtype : 'fp32';
+        const runnable = device !== 'wasm' || !WASM_UNSUPPORTED[graph]?.has(dtype);
+        map[graph] = suffix === '' || (runnable && (await hasFile(model, `onnx/${graph}${suffix}.onnx`))) ? dtype : 'fp32';
     }
     return map;
+}
+
+const parsers = new Map(); // model -> Promise<{parseDetections} | {note}>
+
+// The artifact's paligemma_structured.js as a module, imported once per model; {note} when the
+// artifact has none (an export older than the parser) or it does not load.
+function getParser(model) {
+    if (!parsers.has(model)) {
+        const url = new URL(`${env.localModelPath}${model}/${PARSER_FILE}`, location.href).href;
+        parsers.set(model, (async () => {
+            if (!(await hasFile(model, PARSER_FILE))) return { note: `${model} has no ${PARSER_FILE}: boxes not parsed` };
+            try {
+                const { parseDetections } = await import(url);
+                if (typeof parseDetections !== 'function') return { note: `${url} exports no parseDetections: boxes not parsed` };
+                return { parseDetections, url };
+            } catch (error) {
+                return { note: `cannot import ${url}: ${error}` };
+            }
+        })());
+    }
+    return parsers.get(model);
+}
+
+// An answer's text: special tokens (eos, pad, ...) left out, <locNNNN> and <segNNN> kept even where a
+// tokenizer marks them special. (In the demo's tokenizer, as in transformers' PaliGemmaProcessor,
+// they are plain added tokens, and transformers.js's skip_special_tokens keeps them too.)
+function decodeAnswer(tokenizer, tokens) {
+    const dropped = new Set(tokenizer.all_special_ids
+        .filter((_, i) => !ANSWER_TOKEN.test(tokenizer.all_special_tokens[i])));
+    const kept = tokens.filter((id) => !dropped.has(id));
+    return kept.length ? tokenizer.decode(kept, { skip_special_tokens: false }) : '';
 }
 
 // AutoProcessor returns PaliGemmaProcessor only when preprocessor_config.json names its
@@ -119,10 +164,11 @@ export async function pgexportGenerate({
     onToken = null,
 }) {
     if (!model) throw new Error('no model given');
-    const dtypes = await dtypeMap(model, dtype);
-    const [{ processor, autoProcessorClass }, { model: instance, load_ms }] = await Promise.all([
+    const dtypes = await dtypeMap(model, dtype, device);
+    const [{ processor, autoProcessorClass }, { model: instance, load_ms }, parser] = await Promise.all([
         getProcessor(model),
         getModel(model, dtypes, device),
+        getParser(model),
     ]);
     const image = await readImage(imageUrl);
     const inputs = await processor(image, '<image>' + prompt);
@@ -144,11 +190,18 @@ export async function pgexportGenerate({
 
     const promptLength = inputs.input_ids.dims.at(-1);
     const tokens = sequences.tolist()[0].slice(promptLength).map(Number);
-    const text = processor.batch_decode([tokens], { skip_special_tokens: true })[0];
+    const text = decodeAnswer(processor.tokenizer, tokens);
+    // In the original image's pixels: the processor resizes the whole image to the model's square.
+    const boxes = parser.parseDetections ? parser.parseDetections(text, image.width, image.height) : null;
     const decodeSteps = stamps.length - 2;
     return {
         tokens,
         text,
+        boxes,
+        boxes_note: parser.note ?? null,
+        parser_url: parser.url ?? null,
+        image_width: image.width,
+        image_height: image.height,
         input_ids: inputs.input_ids.tolist()[0].map(Number),
         ms,
         first_token_ms: stamps.length > 1 ? stamps[1] - start : null, // image encoding + prefill
@@ -191,13 +244,56 @@ export async function pgexportEnvironment() {
     };
 }
 
-// Issue 16 hook: once pgexport's runtime parses PaliGemma's <locYYYY> tokens into boxes, draw them
-// here on the canvas laid over the preview (coordinates are in 1/1024ths of the image's size).
-// Nothing is drawn yet: the canvas is only sized and cleared.
-function drawBoxes(canvas, preview, _result) {
-    canvas.width = preview.clientWidth;
-    canvas.height = preview.clientHeight;
-    canvas.getContext('2d').clearRect(0, 0, canvas.width, canvas.height);
+// Outline colours, in turn (pgexport.structured's PALETTE).
+const PALETTE = ['rgb(255,0,255)', 'rgb(0,255,255)', 'rgb(255,140,0)', 'rgb(0,255,0)', 'rgb(255,255,255)', 'rgb(0,0,0)'];
+const DARK_INK = new Set([0, 1, 2, 4]); // black labels on these colours, white on the others (as pgexport draws)
+
+// The result's boxes (original image pixels) on the canvas laid over the preview, scaled to the size
+// the preview is displayed at; each with its label above it (inside it at the top edge). The canvas
+// is cleared first, and left clear for a result without boxes. Returns how many were drawn.
+function drawBoxes(canvas, preview, result) {
+    const scale = window.devicePixelRatio || 1;
+    const width = preview.clientWidth;
+    const height = preview.clientHeight;
+    canvas.style.width = `${width}px`;
+    canvas.style.height = `${height}px`;
+    canvas.width = Math.round(width * scale);
+    canvas.height = Math.round(height * scale);
+    const context = canvas.getContext('2d');
+    context.setTransform(scale, 0, 0, scale, 0, 0);
+    context.clearRect(0, 0, width, height);
+    const boxes = result?.boxes ?? [];
+    if (!boxes.length || !(result.image_width > 0 && result.image_height > 0) || !width || !height) return 0;
+    const sx = width / result.image_width;
+    const sy = height / result.image_height;
+    context.lineWidth = 2;
+    context.font = '12px system-ui, sans-serif';
+    context.textBaseline = 'top';
+    boxes.forEach((box, index) => {
+        const color = PALETTE[index % PALETTE.length];
+        const [x0, y0, x1, y1] = [box.x0 * sx, box.y0 * sy, box.x1 * sx, box.y1 * sy];
+        context.strokeStyle = color;
+        context.strokeRect(x0 + 1, y0 + 1, Math.max(x1 - x0 - 2, 1), Math.max(y1 - y0 - 2, 1));
+        if (box.label) {
+            const labelWidth = Math.ceil(context.measureText(box.label).width) + 4;
+            const labelHeight = 15;
+            const x = Math.max(0, Math.min(x0, width - labelWidth));
+            const y = y0 >= labelHeight ? y0 - labelHeight : y0; // above the box when there is room
+            context.fillStyle = color;
+            context.fillRect(x, y, labelWidth, labelHeight);
+            context.fillStyle = DARK_INK.has(index % PALETTE.length) ? '#000' : '#fff';
+            context.fillText(box.label, x + 2, y + 1);
+        }
+    });
+    return boxes.length;
+}
+
+function describeBoxes(result) {
+    if (result.boxes === null) return `${result.boxes_note} (nothing drawn)`;
+    if (!result.boxes.length) return 'no boxes in the answer';
+    const lines = result.boxes.map((box) => `${box.label || '(no label)'}: x ${box.x0.toFixed(1)}..${box.x1.toFixed(1)}, ` +
+        `y ${box.y0.toFixed(1)}..${box.y1.toFixed(1)}`);
+    return [`${lines.length} box(es), in pixels of the ${result.image_width}x${result.image_height} image:`, ...lines].join('\n');
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -217,6 +313,8 @@ function wireForm() {
         if (file) {
             $('preview').src = URL.createObjectURL(file);
             $('preview').style.display = 'block';
+            drawBoxes($('boxes'), $('preview'), null); // the previous image's boxes are not this one's
+            $('boxes-note').textContent = '';
         }
     });
     $('form').addEventListener('submit', async (event) => {
@@ -226,6 +324,8 @@ function wireForm() {
         $('run').disabled = true;
         $('answer').textContent = '';
         $('tokens').textContent = '';
+        $('boxes-note').textContent = '';
+        drawBoxes($('boxes'), $('preview'), null);
         $('status').textContent = 'loading the model and generating…';
         const streamed = [];
         try {
@@ -248,6 +348,7 @@ function wireForm() {
                 `first token ${result.first_token_ms?.toFixed(0)} ms, then ${result.decode_ms_per_token?.toFixed(1) ?? '-'} ms/token\n` +
                 `dtype ${JSON.stringify(result.dtype)}, ${result.device}, ${result.threads} thread(s)`;
             drawBoxes($('boxes'), $('preview'), result);
+            $('boxes-note').textContent = describeBoxes(result);
             $('status').textContent = 'done';
         } catch (error) {
             $('status').textContent = `failed: ${error}`;

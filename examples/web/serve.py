@@ -8,10 +8,11 @@ then open http://127.0.0.1:8000/ . Routes:
   /models.json       the served model names, for the page's model list
 
 Every response carries the cross-origin-isolation headers (COOP same-origin, COEP require-corp), so the
-page gets SharedArrayBuffer and onnxruntime-web runs its WASM kernels on several threads; .mjs and
-.wasm go out with the MIME types browsers insist on. Nothing is cached (`Cache-Control: no-store`), so
-a re-exported artifact is what the next load reads. Standard library only: tests/test_browser.py
-imports `make_server` from here and runs it in a thread.
+page gets SharedArrayBuffer and onnxruntime-web runs its WASM kernels on several threads; .js, .mjs
+(module scripts, such as the artifact's paligemma_structured.js, which the page imports) and .wasm go
+out with the MIME types browsers insist on, whatever the system's mimetypes tables say. Nothing is
+cached (`Cache-Control: no-store`), so a re-exported artifact is what the next load reads. Standard
+library only: tests/test_browser.py imports `make_server` from here and runs it in a thread.
 """
 
 from __future__ import annotations
