@@ -233,7 +233,7 @@ import {{ AutoProcessor, PaliGemmaForConditionalGeneration, RawImage }} from '@h
 const model_id = 'your-name/this-repo';  // or a local folder: env.localModelPath = its parent, model_id = its name
 const processor = await AutoProcessor.from_pretrained(model_id);
 const model = await PaliGemmaForConditionalGeneration.from_pretrained(model_id, {{
-  dtype: {{
+  dtype: {{  // in a browser on WASM, embed_tokens 'fp32': onnxruntime-web runs the 8/4-bit table (GatherBlockQuantized) on WebGPU only
 {dtype_map}
   }},
 }});

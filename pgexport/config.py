@@ -23,10 +23,13 @@ MIN_OPSET, MAX_OPSET, DEFAULT_OPSET = 18, 23, 18  # what the exporter supports (
 
 PRECISIONS = ("fp32", "fp16", "int8", "int8-static", "q4")  # a variant is named after its last
 EMBED_PRECISIONS = ("fp32", "fp16", "int8", "q4")  # a Gather: nothing to calibrate
-# What a whole-artifact method means per graph (by its option name, contract.GraphSpec.option). int8
-# leaves the table in fp32 (the --int8 of the first release; --embed int8 adds it), q4 and fp16 take every graph.
+# What a whole-artifact method means per graph (by its option name, contract.GraphSpec.option). int8,
+# q4 and fp16 take every graph: int8's 8-bit token table (GatherBlockQuantized) is the package a user
+# ships (0.26x fp32 at 3B, every answer kept; transformers.js loads it token for token), and
+# `--embed fp32` keeps the fp32 table (the --int8 of earlier releases). int8-static leaves the table
+# in fp32: a Gather has nothing to calibrate.
 METHODS = {
-    "int8": {"vision": "int8", "decoder": "int8"},
+    "int8": {"vision": "int8", "embed": "int8", "decoder": "int8"},
     "int8-static": {"vision": "int8-static", "decoder": "int8-static"},
     "q4": {"vision": "q4", "embed": "q4", "decoder": "q4"},
     "fp16": {"vision": "fp16", "embed": "fp16", "decoder": "fp16"},
@@ -147,7 +150,8 @@ class QuantizeOptions:
 class ExportConfig(QuantizeOptions, GraphPrecisions):
     """`pgexport onnx` / `export_onnx`: checkpoint -> ONNX artifact (fp32, plus any quantized variants)."""
 
-    int8: bool = option(False, "Also write dynamic int8 vision and decoder graphs (onnxruntime), validated too.")
+    int8: bool = option(False, "Also write an int8 variant: dynamic int8 vision and decoder graphs (onnxruntime) and an "
+                               "8-bit token table (--embed fp32 keeps it fp32), validated too.")
     int4: bool = option(False, "Also write a q4 variant: 4-bit MatMulNBits graphs and a 4-bit token table, validated too.")
     fp16: bool = option(False, "Also write an fp16 variant (fp32 islands where Gemma overflows), validated too.")
     opset: int = option(DEFAULT_OPSET, f"ONNX opset ({MIN_OPSET}..{MAX_OPSET}).")
@@ -168,7 +172,7 @@ class ExportConfig(QuantizeOptions, GraphPrecisions):
 class QuantizeConfig(QuantizeOptions, GraphPrecisions):
     """`pgexport quantize` / `quantize_artifact`: an artifact's fp32 graphs -> a new artifact with variants."""
 
-    methods: tuple[str, ...] = option((), "Whole-artifact method; repeat for several variants. int8: vision + decoder; q4, fp16: every graph.",
+    methods: tuple[str, ...] = option((), "Whole-artifact method; repeat for several variants. int8, q4, fp16: every graph (int8-static: vision + decoder).",
                                       choices=tuple(METHODS), flag="--method")
     reference: str | None = option(None, "Checkpoint the gate compares with (default: the manifest's source).")
     validate: bool = option(True, "Run the parity gate against PyTorch.")

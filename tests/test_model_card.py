@@ -140,7 +140,7 @@ def test_demo_artifact_card(demo_onnx):
     check_parity_table(tables["Parity against the PyTorch model"], manifest["parity"])
     check_size_table(tables["Size"], manifest["sizes"], manifest["files"])
     assert manifest["source"]["sha256"] in body and "OnnxPaliGemma" in body and "PaliGemmaForConditionalGeneration" in body
-    assert "vision_encoder: 'int8'" in body and "embed_tokens: 'fp32'" in body  # transformers.js's per-graph dtypes
+    assert "vision_encoder: 'int8'" in body and "embed_tokens: 'int8'" in body  # transformers.js's per-graph dtypes
 
 
 def test_editing_the_card_fails_verify(demo_onnx, tmp_path):

@@ -239,8 +239,8 @@ def test_missing_dtype_is_refused(demo, row, dtype):
 
 
 def test_missing_graph_of_a_per_graph_map_is_refused(demo):
-    with pytest.raises(BadInputError, match="embed_tokens_int8.onnx"):
-        OnnxPaliGemma(demo, dtype={"embed_tokens": "int8"})
+    with pytest.raises(BadInputError, match="embed_tokens_q4.onnx"):
+        OnnxPaliGemma(demo, dtype={"embed_tokens": "q4"})
 
 
 # 6. a Core ML artifact ------------------------------------------------------------------------------------

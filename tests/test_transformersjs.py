@@ -171,7 +171,7 @@ def test_demo_int8_generates_like_our_runtime(transformers_js, demo_js_artifact)
     _, artifact, samples = demo_js_artifact
     for image, prompt in samples:
         js = transformers_js(artifact, image, prompt, NEW_TOKENS, dtype="int8")
-        assert js["dtype"] == {"vision_encoder": "int8", "embed_tokens": "fp32", "decoder_model_merged": "int8"}
+        assert js["dtype"] == {"vision_encoder": "int8", "embed_tokens": "int8", "decoder_model_merged": "int8"}
         assert_same_generation(js, ort_greedy(artifact, "int8", image, prompt, NEW_TOKENS), f"demo int8 {prompt!r}")
 
 

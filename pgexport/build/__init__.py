@@ -24,7 +24,8 @@ from pathlib import Path
 from rich.console import Console
 
 from pgexport.build.cache import (
-    claim, clean, content_sha256, finished, marker, options_of_stage, prune, stage_key, write_json_atomic,
+    claim, clean, content_sha256, finished, marker, options_of_stage, prune, stage_key, variants_of_stage,
+    write_json_atomic,
 )
 from pgexport.build.report import build_manifest, gate_label, summary_tables
 from pgexport.build.runners import RUNNERS, checkpoint_of, input_hash
@@ -79,7 +80,7 @@ def _build(recipe: Recipe, out: Path, force: bool, progress: bool) -> dict:
             continue  # checks the finished folder, below
         started = time.perf_counter()
         inputs = input_hash(recipe, stage, out, source_hash)
-        key = stage_key(stage.kind, options_of_stage(stage), inputs, versions())
+        key = stage_key(stage.kind, options_of_stage(stage), inputs, versions(), variants_of_stage(stage))
         records[stage.name] = None if force else finished(out, stage.name, key)
         console.print(f"[{index}/{len(recipe.stages)}] {stage.name} ({stage.kind}): "
                       + ("cached" if records[stage.name] else "running"), markup=False)

@@ -51,9 +51,11 @@ def stage_output_sha256(folder: Path) -> str:
     return json_sha256(read_manifest(folder)["files"])
 
 
-def stage_key(kind: str, options: dict, input_hash: str, tool_versions: dict) -> str:
-    """The cache key: what the stage is, with which options, on which input, by which tools."""
-    return json_sha256({"stage": kind, "options": options, "input": input_hash, "versions": tool_versions})
+def stage_key(kind: str, options: dict, input_hash: str, tool_versions: dict, variants: dict | None = None) -> str:
+    """The cache key: what the stage is, with which options (and the variants they make), on which
+    input, by which tools."""
+    return json_sha256({"stage": kind, "options": options, "variants": variants, "input": input_hash,
+                        "versions": tool_versions})
 
 
 def marker(out: Path, name: str) -> Path:
@@ -138,3 +140,15 @@ def options_of_stage(stage) -> dict:
     if stage.artifacts:
         reads["artifacts"] = list(stage.artifacts)
     return {**reads, **options_of(stage.config)}
+
+
+def variants_of_stage(stage) -> dict | None:
+    """For onnx and quantize stages, the graph precisions their options make: part of the key, since
+    what an option means per graph can change (`--int8` took the token table in issue 15), and a
+    folder made under another meaning must be rebuilt. None for other stages."""
+    from pgexport.quantize.artifact import plan_variants
+
+    if not hasattr(stage.config, "graphs"):
+        return None
+    methods = stage.config.methods
+    return plan_variants(methods() if callable(methods) else list(methods), stage.config.graphs())

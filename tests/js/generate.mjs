@@ -6,8 +6,8 @@
 //   {"tokens": [new token ids], "text": "...", "input_ids": [prompt ids], "auto_processor_class": "...", ...}
 // The prompt is passed as "<image>" + PROMPT, as pgexport.runtime.prepare_inputs does. Without
 // --stop-at-eos, eos is disabled so exactly MAX_NEW_TOKENS tokens come back.
-// With --dtype int8, the graphs that have an `_int8` file (vision_encoder, decoder_model_merged)
-// load it and embed_tokens stays fp32, as in pgexport's own runtime.
+// With --dtype int8, the graphs that have an `_int8` file load it (all three with `--int8`: the token
+// table is GatherBlockQuantized, which onnxruntime-node runs), as pgexport's own runtime does.
 
 import fs from 'node:fs';
 import path from 'node:path';
