@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import click
 
@@ -69,27 +70,26 @@ class Command(click.Group):
             sys.exit(error.exit_code)
         except (click.exceptions.Exit, click.ClickException, click.Abort, SystemExit):
             raise
-        except ImportError as error:
-            unsupported = missing_export_extra(error)
-            if unsupported is None:
-                click.echo(f"internal error: {type(error).__name__}: {error}", err=True)
-                sys.exit(EXIT_INTERNAL)
+        except ImportError as error:  # the exporter's modules in a runtime-only install: exit 7, else a bug
+            unsupported = missing_export_extra(error) or internal_error(error)
             click.echo(f"error: {unsupported}", err=True)
             sys.exit(unsupported.exit_code)
         except KeyboardInterrupt:
             click.echo("interrupted: nothing was written at the output path", err=True)
             sys.exit(130)
         except OSError as error:
-            code = os_error_exit(error)
-            if code is None:
-                click.echo(f"internal error: {type(error).__name__}: {error}", err=True)
-                sys.exit(EXIT_INTERNAL)
+            code = os_error_exit(error) or internal_error(error)
             # The disk or the permissions, not pgexport: the staging folder is gone, the old output untouched.
             click.echo(f"error: {error.filename or 'the output'}: {error.strerror}", err=True)
             sys.exit(code)
         except Exception as error:  # noqa: BLE001 - the last line of defence, with its own exit code
-            click.echo(f"internal error: {type(error).__name__}: {error}", err=True)
-            sys.exit(EXIT_INTERNAL)
+            internal_error(error)
+
+
+def internal_error(error: BaseException) -> NoReturn:
+    """Exit 1 with the error's one line: a bug in pgexport."""
+    click.echo(f"internal error: {type(error).__name__}: {error}", err=True)
+    sys.exit(EXIT_INTERNAL)
 
 
 @click.group(cls=Command, context_settings={"help_option_names": ["-h", "--help"]})
