@@ -165,6 +165,12 @@ def test_an_unknown_baseline_is_refused_before_anything_runs(demo_onnx):
     assert result.exit_code == 4 and "baseline 'no-such-target'" in result.output
 
 
+def test_a_dtype_no_target_has_says_so(demo_onnx):
+    result = CliRunner().invoke(main, ["bench", str(demo_onnx), "--dtype", "q4"])
+    assert result.exit_code == 4, result.output
+    assert "nothing to measure" in result.output and "no q4 graphs (has fp32, int8)" in result.output
+
+
 @pytest.mark.parametrize("level, arithmetic", [(4, "int8"), (0, "fp32")])
 def test_q4_arithmetic_follows_accuracy_level(tmp_path, level, arithmetic):
     """MatMulNBits at accuracy_level 4 quantizes its activations (int8 arithmetic, int8 peak);

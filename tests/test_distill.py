@@ -251,6 +251,11 @@ def test_bad_input_is_reported_before_training(checkpoint_factory, data, tmp_pat
     result = _distill_cli(teacher, "--train", bad_train, "--eval", data[1], "-o", out)
     assert result.exit_code == 4 and f"{bad_train}:2: image not found" in result.output
 
+    result = _distill_cli(teacher, "--train", tmp_path / "missing.jsonl", "--eval", data[1], "-o", out)
+    assert result.exit_code == 4 and "cannot read train file" in result.output
+    result = _distill_cli(teacher, "--train", data[0], "--eval", tmp_path / "missing.jsonl", "-o", out)
+    assert result.exit_code == 4 and "cannot read eval file" in result.output
+
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
     result = _distill_cli(teacher, "--train", empty, "--eval", data[1], "-o", out)

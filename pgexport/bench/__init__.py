@@ -77,6 +77,9 @@ def bench(
     with tempfile.TemporaryDirectory(prefix="pgexport-bench-") as workdir, torch_threads(threads):
         jobs, skipped = plan_jobs(resolved, settings, Path(workdir))
         labels = [job.label for job in jobs]
+        if not jobs:  # every (target, dtype) skipped: say why, not that the baseline is missing
+            reasons = "; ".join(f"{row.get('target', row.get('label', '?'))}: {row['reason']}" for row in skipped)
+            raise BadInputError(f"nothing to measure: {reasons}")
         chosen = next((job.label for job in jobs if baseline in (None, job.label, job.target.name)), None)
         if chosen is None:
             raise BadInputError(f"baseline {baseline!r} is none of the targets: {', '.join(labels)}")

@@ -46,12 +46,13 @@ def jsonl_objects(path: Path, what: str) -> list[tuple[int, dict]]:
     return objects
 
 
-def load_split(path: str | Path) -> list[Sample]:
+def load_split(path: str | Path, what: str = "eval file") -> list[Sample]:
     """Read a JSONL split: one {"image", "prefix", "suffix"} object a line (blank lines skipped), the
-    image path relative to the file. A bad row raises BadInputError naming its line number."""
+    image path relative to the file. A bad row raises BadInputError naming its line number; an
+    unreadable file names it as `what` ("eval file", "train file")."""
     path = Path(path)
     samples = []
-    for number, row in jsonl_objects(path, "eval file"):
+    for number, row in jsonl_objects(path, what):
         missing = [key for key in ("image", "prefix", "suffix") if not isinstance(row.get(key), str)]
         if missing:
             raise BadInputError(f"{path}:{number}: missing or non-string field(s): {', '.join(missing)}")

@@ -24,7 +24,7 @@ class FileRows:
 
     def __init__(self, path: str | Path, seed: int = 0):
         self.path = str(path)
-        self.rows = load_split(path)
+        self.rows = load_split(path, "train file")
         self.seed = seed
 
     def __len__(self) -> int:
