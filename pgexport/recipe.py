@@ -36,6 +36,7 @@ STAGES, and one runner in pgexport.build.runners.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import re
 import reprlib
 import types
@@ -275,6 +276,18 @@ def _check_config(options, where: str) -> None:
         raise RecipeError(f"{where}: {error}") from None
 
 
+def did_you_mean(key, cls, allowed: list[str]) -> str:
+    """" (did you mean 'x'?)" for a key written as the CLI spells an option (`method` for `methods`,
+    `eval-file` for `eval_file`) or close to an allowed one; "" when nothing is near."""
+    if not isinstance(key, str):
+        return ""
+    spelled = {f.metadata["flag"].lstrip("-").replace("-", "_"): f.name
+               for f in dataclasses.fields(cls) if f.metadata.get("flag")}
+    key = key.lstrip("-").replace("-", "_")
+    match = spelled.get(key) or (key if key in allowed else None) or next(iter(difflib.get_close_matches(key, allowed, 1)), None)
+    return f" (did you mean {match!r}?)" if match else ""
+
+
 def _build(cls, data, where: str, exclude: tuple[str, ...] = ()):
     """`cls(**data)` with every key and value checked against the dataclass's field types."""
     allowed = [f.name for f in dataclasses.fields(cls) if not f.metadata.get("internal") and f.name not in exclude]
@@ -283,8 +296,8 @@ def _build(cls, data, where: str, exclude: tuple[str, ...] = ()):
     hints = typing.get_type_hints(cls)
     for key in data:
         if key not in allowed:
-            hint = "; latency gates are max_ttft_ms and max_per_token_ms" if cls is Gates and "latency" in str(key) else ""
-            raise RecipeError(f"{where or 'recipe'}: unknown key {shown(key)}; allowed: {', '.join(allowed)}{hint}")
+            raise RecipeError(f"{where or 'recipe'}: unknown key {shown(key)}{did_you_mean(key, cls, allowed)}; "
+                              f"allowed: {', '.join(allowed)}")
     values = {key: _value(hints[key], value, f"{where}.{key}".lstrip(".")) for key, value in data.items()}
     try:
         return cls(**values)
@@ -304,7 +317,8 @@ def _stage(data, where: str) -> Stage:
     unknown = [key for key in options if key not in known]
     if unknown:
         allowed = ["name", *reads, *(f.name for f in option_fields(STAGES[kind]))]
-        raise RecipeError(f"{where}: unknown key {shown(unknown[0])}; allowed: {', '.join(allowed)}")
+        raise RecipeError(f"{where}: unknown key {shown(unknown[0])}{did_you_mean(unknown[0], STAGES[kind], allowed)}; "
+                          f"allowed: {', '.join(allowed)}")
     name = _value(str, data.get("name", kind), f"{where}.name")
     source = data.get("input")
     if source is not None:

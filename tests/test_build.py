@@ -182,8 +182,10 @@ def test_bench_stage_and_latency_gate(built, recipe, tmp_path):
 @pytest.mark.parametrize("change, message", [
     ({"stages": [{"stage": "quantise"}]},
      "stages[0].stage: unknown stage 'quantise'; allowed: onnx, quantize, coreml, distill, validate, bench, verify"),
-    ({"stages": [{"stage": "onnx", "int9": True}]}, "stages[0]: unknown key 'int9'; allowed: name, input, int8, int4, fp16, "
-                                                    "opset, validate, eval_file, ort_format, vision, decoder, embed"),
+    ({"stages": [{"stage": "onnx", "int9": True}]}, "stages[0]: unknown key 'int9' (did you mean 'int8'?); allowed: name, "
+                                                    "input, int8, int4, fp16, opset, validate, eval_file, ort_format, vision"),
+    ({"stages": [{"stage": "quantize", "method": ["q4"]}]}, "stages[0]: unknown key 'method' (did you mean 'methods'?)"),
+    ({"stages": [{"stage": "validate", "eval-file": "x.jsonl"}]}, "stages[0]: unknown key 'eval-file' (did you mean 'eval_file'?)"),
     ({"stages": [{"stage": "onnx", "int8": "yes"}]}, "stages[0].int8: expected true or false, got 'yes'"),
     ({"stages": [{"stage": "onnx", "opset": 99}]}, "stages[0]: opset 99 is not supported: choose 18..23"),
     ({"stages": [{"stage": "onnx"}, {"stage": "quantize", "input": "nope", "methods": ["q4"]}]},
@@ -196,8 +198,8 @@ def test_bench_stage_and_latency_gate(built, recipe, tmp_path):
     ({"stages": [{"stage": "verify"}, {"stage": "onnx"}]}, "stages[0]: verify checks the finished build folder"),
     ({"stages": [{"stage": "onnx"}, {"stage": "onnx"}]}, "stages[1].name: 'onnx' is used twice"),
     ({"stages": [{"stage": "validate"}]}, "stages[0]: validate needs an artifact stage (onnx, quantize) before it"),
-    ({"gates": {"max_latency_ms": 50}}, "gates: unknown key 'max_latency_ms'; allowed: max_total_bytes, parity, "
-                                        "max_ttft_ms, max_per_token_ms; latency gates are max_ttft_ms and max_per_token_ms"),
+    ({"gates": {"max_latency_ms": 50}}, "gates: unknown key 'max_latency_ms' (did you mean 'max_per_token_ms'?); "
+                                        "allowed: max_total_bytes, parity, max_ttft_ms, max_per_token_ms"),
     ({"gates": {"max_ttft_ms": 50}}, "gates.max_ttft_ms: no bench stage measures it; add {stage: bench} to stages"),
     ({"stages": [{"stage": "onnx"}, {**BENCH, "batches": [0]}]}, "stages[1].batches: [0] is out of range 1..64"),
     ({"gates": {"parity": {"fp8": {"min_cosine": 0.9}}}}, "gates.parity.fp8: unknown dtype; allowed: fp32, fp16, int8, int8-static, q4"),
