@@ -26,6 +26,7 @@ from pgexport.errors import OutputError
 MANIFEST = "manifest.json"
 STAGING_MARK = ".pgexport-staging"  # in a staging folder until it is renamed into place: "<pid>"
 OWN_FORMAT_PREFIX = "pgexport-"
+BUILD_FORMAT_PREFIX = "pgexport-build/"  # a build folder holds its stages' artifacts (pgexport.build)
 
 
 def _resolved(path: str | Path) -> Path:
@@ -63,6 +64,17 @@ def check_inputs_apart(output: str | Path, inputs=()) -> None:
             raise OutputError(f"{output} is inside the input {given}: choose an output folder outside it")
 
 
+def check_not_inside_an_artifact(output: str | Path) -> None:
+    """Refuse an output inside a folder pgexport wrote (an artifact): the new files would make that
+    artifact fail `pgexport verify`. A build folder holds its stages' folders, so it is allowed."""
+    for parent in _resolved(output).parents:
+        if written_by_pgexport(parent):
+            manifest = json.loads((parent / MANIFEST).read_text(encoding="utf-8"))
+            if not str(manifest.get("format", "")).startswith(BUILD_FORMAT_PREFIX):
+                raise OutputError(f"{output} is inside the pgexport artifact {parent}, which would then fail "
+                                  "`pgexport verify`: choose an output folder outside it")
+
+
 def check_output(output: str | Path, force: bool, inputs=()) -> None:
     """Everything that could make writing `output` lose data, checked before any work starts.
 
@@ -71,6 +83,7 @@ def check_output(output: str | Path, force: bool, inputs=()) -> None:
     nor holds them."""
     output = Path(output)
     check_inputs_apart(output, inputs)
+    check_not_inside_an_artifact(output)
     if not output.exists() and not output.is_symlink():
         return
     if not force:

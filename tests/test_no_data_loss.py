@@ -85,6 +85,17 @@ def test_output_never_is_holds_or_sits_in_an_input(place, case):
     assert "input" in errors[0], errors
 
 
+def test_output_never_sits_inside_another_artifact(place):
+    """An artifact that is not this command's input still must not get a folder inside it: it would
+    then fail `pgexport verify` (a build folder, which holds its stages, is the exception)."""
+    p = place
+    for args in (["onnx", p / "ckpt", "-o", p / "art" / "sub"], ["coreml", p / "ckpt", "-o", p / "art" / "cm"]):
+        code, errors = run(*args)
+        assert code == OutputError.exit_code and len(errors) == 1, (code, errors)
+        assert f"inside the pgexport artifact {p / 'art'}" in errors[0], errors
+    assert not (p / "art" / "sub").exists() and not (p / "art" / "cm").exists()
+
+
 def test_force_never_replaces_cwd_home_or_a_folder_it_did_not_write(place, tmp_path, monkeypatch):
     p = place
     own = shutil.copytree(p / "art", tmp_path / "own")  # pgexport's: replaceable, but not as cwd or home
