@@ -190,7 +190,9 @@ def load_recipe(source: str | Path | dict | Recipe) -> Recipe:
         raise RecipeError(f"cannot read recipe {path}: {error}") from error
     try:
         data = yaml.load(text, Loader=RecipeLoader)
-        return check_recipe(_build(Recipe, {} if data is None else data, ""))
+        if data is None:  # an empty file is a mistake, not a request for the default recipe
+            raise RecipeError("the recipe is empty: name its stages (see examples/recipes/demo.yaml)")
+        return check_recipe(_build(Recipe, data, ""))
     except yaml.YAMLError as error:
         raise RecipeError(f"{path}: not valid YAML: {_yaml_problem(error)}") from None
     except RecipeError as error:

@@ -218,6 +218,9 @@ def test_unreadable_recipe(tmp_path):
     (tmp_path / "r.yaml").write_text("stages: [onnx\n")
     result = CliRunner().invoke(main, ["build", str(tmp_path / "r.yaml")])
     assert result.exit_code == 4 and "not valid YAML" in result.stderr
+    (tmp_path / "empty.yaml").write_text("# nothing yet\n")
+    result = CliRunner().invoke(main, ["build", str(tmp_path / "empty.yaml"), "-o", str(tmp_path / "out")])
+    assert result.exit_code == 4 and "the recipe is empty" in result.stderr and not (tmp_path / "out").exists()
     result = CliRunner().invoke(main, ["build", str(tmp_path / "missing.yaml")])
     assert result.exit_code == 4 and "cannot read recipe" in result.stderr
 
