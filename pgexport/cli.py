@@ -235,6 +235,8 @@ def build_command(recipe, output, force, as_json):
             return
         for table in summary_tables(summary):
             console.print(table)
+        if summary.get("pruned"):
+            console.print(f"removed the folders of stages the recipe no longer names: {', '.join(summary['pruned'])}")
         console.print(f"wrote {summary['output']} ({summary['files']} files, {summary['bytes'] / 1e6:.1f} MB)")
 
     try:

@@ -114,6 +114,16 @@ def test_stages_read_the_stage_they_name(tmp_path):
                                                                      "again/onnx/embed_tokens.onnx"]
 
 
+def test_a_stage_dropped_from_the_recipe_is_pruned_and_said(built, recipe, tmp_path):
+    out, _ = built
+    copy = shutil.copytree(out, tmp_path / "out")
+    fewer = {**recipe, "stages": [recipe["stages"][0], {"stage": "verify"}], "gates": {"max_total_bytes": 100_000_000}}
+    result = CliRunner().invoke(main, ["build", str(write_recipe(tmp_path / "r.yaml", fewer)), "-o", str(copy)])
+    assert result.exit_code == 0, result.output
+    assert "removed the folders of stages the recipe no longer names: validate" in result.stdout
+    assert not (copy / "validate").exists() and (copy / "onnx").is_dir() and verify(copy) == []
+
+
 def test_changed_byte_is_caught(built, recipe, tmp_path):
     out, _ = built
     copy = shutil.copytree(out, tmp_path / "out")
