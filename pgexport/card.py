@@ -119,9 +119,11 @@ def model_name(source: dict) -> str:
 def source_section(fields: dict) -> str:
     source = fields.get("source") or {}
     checkpoint = checkpoint_of(source)
+    # A local folder by its name only: the card is meant to be published, the path is this machine's
+    # (manifest.json keeps it whole).
     where = (f"[`{checkpoint}`](https://huggingface.co/{checkpoint}) on the Hugging Face Hub" if hub_id(source)
-             else f"the demo model shipped inside pgexport (`{checkpoint}`)" if is_demo(source)
-             else f"local folder `{checkpoint}` (no hub id, so no `base_model`)")
+             else "the demo model shipped inside pgexport" if is_demo(source)
+             else f"local folder `{Path(checkpoint).name}` (no hub id, so no `base_model`)")
     sha = source.get("sha256")
     rows = [("checkpoint" if "checkpoint" in source else "teacher", where),
             ("sha256 of its weight files", f"`{sha}`" if sha else "none (a hub checkpoint: its revision pins it)")]
@@ -129,7 +131,7 @@ def source_section(fields: dict) -> str:
         rows.append(("family", source["family"]))
     if fields.get("quantized_from"):
         made = fields["quantized_from"]
-        rows.append(("quantized from", f"`{made['artifact']}` (its manifest.json's sha256 `{made['sha256_manifest']}`)"))
+        rows.append(("quantized from", f"`{Path(made['artifact']).name}` (its manifest.json's sha256 `{made['sha256_manifest']}`)"))
     rows.append(("made by", f"pgexport {fields.get('pgexport_version') or pgexport.__version__} (`{fields.get('format')}`)"))
     body = "\n".join(f"| {key} | {value} |" for key, value in rows)
     return f"## Source\n\n| | |\n|---|---|\n{body}\n\n{license_text(source)}\n"

@@ -180,7 +180,8 @@ def test_quantized_artifact_gets_its_own_card(demo_onnx, tmp_path):
     meta, body = split_card((out / CARD).read_text())
     assert {"onnx", "fp32", "int8", "q4"} <= set(meta["tags"])
     check_size_table(card_tables(body)["Size"], manifest["sizes"], manifest["files"])
-    assert "Not validated" in body and str(demo_onnx) in body  # --no-validate, and quantized from
+    assert "Not validated" in body and f"| quantized from | `{demo_onnx.name}` " in body  # --no-validate
+    assert str(demo_onnx.parent) not in body  # a published card names local folders, not this machine's paths
 
 
 @pytest.mark.slow
