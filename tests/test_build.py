@@ -241,3 +241,20 @@ def test_refuses_a_folder_that_is_not_a_build(recipe, tmp_path):
     result = CliRunner().invoke(main, ["build", str(write_recipe(tmp_path / "r.yaml", recipe)), "-o", str(tmp_path / "out")])
     assert result.exit_code == 5 and "not a pgexport build folder" in result.stderr
     assert (tmp_path / "out" / "notes.txt").read_text() == "mine"
+
+
+def test_summary_tables_put_each_limit_beside_its_value():
+    """A parity gate without a relative-difference limit still lines its limits up with its values,
+    and a build with no gate prints no empty Gates table."""
+    from pgexport.build import summary_tables
+
+    stage = {"name": "onnx", "stage": "onnx", "status": "ran", "seconds": 1.0}
+    check = {"gate": "parity", "artifact": "onnx", "dtype": "int8", "passed": True, "failures": [],
+             "thresholds": {"max_rel_diff": None, "min_cosine": 0.99, "min_token_agreement": 0.5, "max_exact_match_drop": 2.0},
+             "values": {"max_rel_diff": 0.0148, "min_cosine": 0.994303, "token_agreement": 1.0, "exact_match_drop": 0.0}}
+    tables = summary_tables({"output": "out", "stages": [stage], "gates": {"checks": [check]}})
+    limits, values = (list(column.cells)[0].split("\n") for column in tables[1].columns[1:3])
+    assert [line.split()[0].split("<")[0].split(">")[0] for line in limits] == ["rel", "cos", "tokens", "em"]
+    assert [line.split()[0] for line in values] == ["rel", "cos", "tokens", "em"]
+    assert limits[0] == "rel -" and values[0] == "rel 1.5e-02"
+    assert len(summary_tables({"output": "out", "stages": [stage], "gates": {"checks": []}})) == 1

@@ -161,14 +161,15 @@ def summary_tables(summary: dict) -> list[Table]:
         result = "[green]pass[/]" if check["passed"] else "[red]FAIL[/]: " + "; ".join(check["failures"])
         if check["gate"] == "parity":
             limit, value = check["thresholds"], check["values"]
-            limits = [f"rel<={limit['max_rel_diff']:.0e}" if limit["max_rel_diff"] is not None else None,
-                      f"cos>={limit['min_cosine']}", f"tokens>={limit['min_token_agreement']:.0%}",
-                      f"em drop<={limit['max_exact_match_drop']}" if limit["max_exact_match_drop"] is not None else None]
-            values = [f"rel {value['max_rel_diff']:.1e}", f"cos {value['min_cosine']:.6f}",
-                      f"tokens {value['token_agreement']:.0%}",
-                      f"em drop {value['exact_match_drop'] + 0.0:.1f}" if value["exact_match_drop"] is not None else None]
-            gates.add_row(gate_label(check), "\n".join(filter(None, limits)),
-                          "\n".join(filter(None, values)), result)
+            # One line per measure in both columns, so that a limit sits beside its value ("-": no limit).
+            lines = [(f"rel<={limit['max_rel_diff']:.0e}" if limit["max_rel_diff"] is not None else "rel -",
+                      f"rel {value['max_rel_diff']:.1e}"),
+                     (f"cos>={limit['min_cosine']}", f"cos {value['min_cosine']:.6f}"),
+                     (f"tokens>={limit['min_token_agreement']:.0%}", f"tokens {value['token_agreement']:.0%}")]
+            if value["exact_match_drop"] is not None:
+                lines.append((f"em drop<={limit['max_exact_match_drop']}" if limit["max_exact_match_drop"] is not None
+                              else "em drop -", f"em drop {value['exact_match_drop'] + 0.0:.1f}"))
+            gates.add_row(gate_label(check), "\n".join(a for a, _ in lines), "\n".join(b for _, b in lines), result)
         else:
             gates.add_row(gate_label(check), str(check["limit"]), str(check["value"]), result)
-    return [stages, gates]
+    return [stages, gates] if summary["gates"]["checks"] else [stages]
