@@ -109,6 +109,20 @@ def option_fields(cls) -> list[dataclasses.Field]:
 
 # ---- the stages ----
 
+def check_used(config, methods) -> None:
+    """Refuse an option the request would ignore: calibration and an accuracy target are read by
+    int8-static only, an eval file by the parity gate only (BadInputError, exit 4)."""
+    precisions = {p for m in methods for p in METHODS.get(m, {}).values()} | set(filter(None, config.graphs().values()))
+    static = "int8-static" in precisions
+    for name, value, flag in (("calibration", config.calibration, "--calibration"),
+                              ("accuracy_target", config.accuracy_target, "--accuracy-target")):
+        if value is not None and not static:
+            raise BadInputError(f"{flag} is read by int8-static only, which this request does not make: "
+                                "add --method int8-static (or --vision/--decoder int8-static), or drop it")
+    if config.eval_file is not None and not config.validate:
+        raise BadInputError("--eval-file feeds the parity gate, which --no-validate turns off: drop one of them")
+
+
 @dataclass(frozen=True)
 class GraphPrecisions:
     """One precision per graph on top of the whole-artifact methods (or alone: one mixed variant)."""
@@ -163,6 +177,7 @@ class ExportConfig(QuantizeOptions, GraphPrecisions):
     def __post_init__(self):
         super().__post_init__()
         check_opset(self.opset)
+        check_used(self, self.methods())
 
     def methods(self) -> list[str]:
         return [name for name, wanted in (("int8", self.int8), ("q4", self.int4), ("fp16", self.fp16)) if wanted]
@@ -179,6 +194,10 @@ class QuantizeConfig(QuantizeOptions, GraphPrecisions):
     eval_file: str | None = option(None, "JSONL of held-out rows for the exact-match check.")
     ort_format: bool = option(False, "Also write every graph (the input's too) in the ORT format (onnx/*.ort, for ONNX "
                                      "Runtime Mobile) and onnx/required_operators.config.")
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_used(self, self.methods)
 
 
 @dataclass(frozen=True)

@@ -343,3 +343,20 @@ def test_every_number_field_has_a_range():
                  if typing.get_type_hints(cls)[f.name] in numeric and not f.metadata.get("bounds")}
     # opset: what the exporter supports (ExportConfig checks it, exit 7); any seed is a seed.
     assert unbounded == {"ExportConfig.opset", "DistillConfig.seed"}
+
+
+@pytest.mark.parametrize("cls, options, message", [
+    ("ExportConfig", {"int8": True, "calibration": "images/"}, "--calibration is read by int8-static only"),
+    ("QuantizeConfig", {"methods": ("q4",), "accuracy_target": 0.99}, "--accuracy-target is read by int8-static only"),
+    ("ExportConfig", {"validate": False, "eval_file": "rows.jsonl"}, "--eval-file feeds the parity gate"),
+    ("QuantizeConfig", {"methods": ("int8",), "validate": False, "eval_file": "rows.jsonl"}, "--eval-file feeds the parity gate"),
+])
+def test_an_option_the_request_would_ignore_is_refused(cls, options, message):
+    import pgexport.config as config
+    from pgexport.errors import BadInputError
+
+    with pytest.raises(BadInputError, match=message):
+        getattr(config, cls)(**options)
+    kept = {key: value for key, value in options.items() if key not in ("calibration", "accuracy_target", "eval_file")}
+    getattr(config, cls)(**kept)  # the same request without it is fine
+    getattr(config, cls)(**{**options, "vision": "int8-static", "validate": True})  # used: int8-static, the gate on
