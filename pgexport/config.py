@@ -109,10 +109,17 @@ def option_fields(cls) -> list[dataclasses.Field]:
 
 # ---- the stages ----
 
-def check_used(config, methods) -> None:
+def methods_of(config) -> list[str]:
+    """The whole-artifact methods an ExportConfig (its --int8/--int4/--fp16 flags) or a QuantizeConfig
+    (its `methods` field) asks for."""
+    return config.methods() if callable(config.methods) else list(config.methods)
+
+
+def check_used(config) -> None:
     """Refuse an option the request would ignore: calibration and an accuracy target are read by
     int8-static only, an eval file by the parity gate only (BadInputError, exit 4)."""
-    precisions = {p for m in methods for p in METHODS.get(m, {}).values()} | set(filter(None, config.graphs().values()))
+    precisions = ({p for m in methods_of(config) for p in METHODS.get(m, {}).values()}
+                  | set(filter(None, config.graphs().values())))
     static = "int8-static" in precisions
     for name, value, flag in (("calibration", config.calibration, "--calibration"),
                               ("accuracy_target", config.accuracy_target, "--accuracy-target")):
@@ -177,7 +184,7 @@ class ExportConfig(QuantizeOptions, GraphPrecisions):
     def __post_init__(self):
         super().__post_init__()
         check_opset(self.opset)
-        check_used(self, self.methods())
+        check_used(self)
 
     def methods(self) -> list[str]:
         return [name for name, wanted in (("int8", self.int8), ("q4", self.int4), ("fp16", self.fp16)) if wanted]
@@ -197,7 +204,7 @@ class QuantizeConfig(QuantizeOptions, GraphPrecisions):
 
     def __post_init__(self):
         super().__post_init__()
-        check_used(self, self.methods)
+        check_used(self)
 
 
 @dataclass(frozen=True)

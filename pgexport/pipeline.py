@@ -15,7 +15,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 import pgexport
 from pgexport.card import license_note, onnx_card, write_card
 from pgexport.errors import BadInputError, GateFailedError
-from pgexport.config import ExportConfig, QuantizeConfig, make, options_of
+from pgexport.config import ExportConfig, QuantizeConfig, make, methods_of, options_of
 from pgexport.contract import GRAPH_NAMES, graph_path
 from pgexport.exporters import ort_format
 from pgexport.exporters.onnx import export_graphs
@@ -80,7 +80,7 @@ def export_onnx(model: str | Path | None = None, output: str | Path = "out", con
     from pgexport.validate import eval_rows_for, reference_outputs, validate as run_gate
 
     output, config = Path(output), make(ExportConfig, config, **options)
-    variants = plan_variants(config.methods(), config.graphs())
+    variants = plan_variants(methods_of(config), config.graphs())
     inputs = [model if model is not None else default_model(), config.eval_file, config.calibration]
     dtypes = ["fp32", *variants]
     started = time.perf_counter()
@@ -156,7 +156,7 @@ def quantize_artifact(artifact: str | Path, output: str | Path, config: Quantize
     from pgexport.validate import eval_rows_for, reference_outputs, validate as run_gate
 
     artifact, output, config = Path(artifact), Path(output), make(QuantizeConfig, config, **options)
-    variants = plan_variants(list(config.methods), config.graphs())
+    variants = plan_variants(methods_of(config), config.graphs())
     if not variants:
         raise BadInputError("nothing to quantize: give --method or a per-graph precision (--vision, --decoder, --embed)")
     source_manifest = read_manifest(artifact)

@@ -81,6 +81,9 @@ class Processor:
         missing = [token for token in EXTRA_TOKENS if token not in vocab]
         if missing:
             self.tokenizer.add_tokens([AddedToken(token, normalized=False) for token in missing])
+        kept = set(EXTRA_TOKENS)  # the special tokens an answer's text leaves out (decode_answer), found once
+        self.unspoken_ids = {i for i, token in self.tokenizer.get_added_tokens_decoder().items()
+                             if token.special and token.content not in kept}
         self.clean_up_spaces = config.get("clean_up_tokenization_spaces", False)
         self.image_token = _token(config, "image_token", IMAGE_TOKEN)
         names = {"bos": "<bos>", "eos": "<eos>", "pad": "<pad>"}
@@ -135,9 +138,7 @@ class Processor:
         kept even where a tokenizer marks them special, since they are what detect and segment
         prompts answer. (The demo's tokenizer and transformers' PaliGemmaProcessor add them as
         plain tokens: there this is `decode(ids, skip_special_tokens=True)`.)"""
-        kept = set(EXTRA_TOKENS)
-        special = {i for i, token in self.tokenizer.get_added_tokens_decoder().items() if token.special and token.content not in kept}
-        return self.decode([i for i in ids if i not in special], skip_special_tokens=False)
+        return self.decode([i for i in ids if i not in self.unspoken_ids], skip_special_tokens=False)
 
 
 def clean_up_tokenization(text: str) -> str:

@@ -146,9 +146,9 @@ def variants_of_stage(stage) -> dict | None:
     """For onnx and quantize stages, the graph precisions their options make: part of the key, since
     what an option means per graph can change (`--int8` took the token table in issue 15), and a
     folder made under another meaning must be rebuilt. None for other stages."""
+    from pgexport.config import methods_of
     from pgexport.quantize.artifact import plan_variants
 
     if not hasattr(stage.config, "graphs"):
         return None
-    methods = stage.config.methods
-    return plan_variants(methods() if callable(methods) else list(methods), stage.config.graphs())
+    return plan_variants(methods_of(stage.config), stage.config.graphs())
