@@ -267,7 +267,27 @@ def onnx_card(fields: dict) -> str:
              f"{layout}\n\nplus config, generation config, tokenizer and processor files, and manifest.json (every "
              f"file's sha256 and size, the options, tool versions and the parity report).\n")
     return "\n".join([front_matter(meta), intro, source_section(fields), parity_section(fields.get("parity")),
-                      size_section(fields.get("sizes")), onnx_usage(fields), ort_section(fields.get("ort_format"))])
+                      size_section(fields.get("sizes")), onnx_usage(fields), seg_section(fields.get("seg_decoder"), "onnx"),
+                      ort_section(fields.get("ort_format"))])
+
+
+def seg_section(record: dict | None, kind: str) -> str:
+    """The segmentation decoder (`--seg-decoder`): where it is, what it was made from, its parity."""
+    if not record:
+        return ""
+    parity = record.get("parity") or record.get("wrapper_parity")
+    checked = (f"checked against the PyTorch decoder on {parity['rows']} code rows: max |d| {parity['max_abs_diff']:.3g} "
+               f"({parity['max_rel_diff']:.2g} of the largest logit), mask IoU {parity['mask_iou']:.6f}"
+               if parity else "not checked (`--no-validate`)")
+    where = "`onnx/seg_decoder.onnx` (int64 `codes` [batch, 16])" if kind == "onnx" else \
+        "`seg_decoder.mlpackage` (int32 `codes` [1, 16], fp16 compute)"
+    return f"""### Masks
+
+A `segment` answer's 16 `<segNNN>` codes become a mask through {where}: 64 x 64 logits over
+the answer's box, > 0 inside (resize them to the box in the image's pixels). Made from
+`{record['source']}` (sha256 `{record['sha256'][:16]}...`, {record['codebook_size']} codes); {checked}.
+`pgexport generate --json` returns the masks (COCO RLE) and `--draw` paints them.
+"""
 
 
 def ort_section(ort: dict | None) -> str:
@@ -338,6 +358,7 @@ def coreml_card(fields: dict, swift: str) -> str:
              f"weights {compress}; {checked}.\n")
     return "\n".join([front_matter(meta), intro, source_section(fields), coreml_parity_section(fields.get("parity")),
                       coreml_size_section(fields.get("packages") or {}),
+                      seg_section(fields.get("seg_decoder"), "coreml"),
                       "Check every file (this card included): `pgexport verify .`; on macOS, "
                       "`pgexport validate .` runs the packages.\n", swift, SWIFT_SECTION])
 

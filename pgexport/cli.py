@@ -17,7 +17,7 @@ from pgexport.errors import EXIT_INTERNAL, BadInputError, GateFailedError, Outpu
 from pgexport.cli_options import cli_options, config_from, reads_checkpoint, run_options
 from pgexport.config import BenchConfig, ExportConfig, ValidateConfig
 from pgexport.contract import GRAPH_FORMATS
-from pgexport.tables import console, output_width, parity_table, print_sizes
+from pgexport.tables import console, output_width, parity_table, print_sizes, seg_parity_line
 
 def quiet_third_party() -> None:
     """Keep libraries' chatter out of pgexport's output: transformers' tqdm bars ('Loading weights',
@@ -122,6 +122,8 @@ def onnx_command(model, output, force, allow_pickle, as_json, **options):
         return
     if manifest["parity"]:
         console.print(parity_table(manifest["parity"]))
+    if manifest.get("seg_decoder"):
+        console.print(seg_parity_line(manifest["seg_decoder"]), highlight=False)
     if manifest.get("sizes"):
         print_sizes(console, manifest["sizes"])
     total = sum(entry["bytes"] for entry in manifest["files"].values())
@@ -138,9 +140,10 @@ def onnx_command(model, output, force, allow_pickle, as_json, **options):
 @click.option("--check", is_flag=True, help="Also check the sha256 of each graph file loaded against manifest.json (sizes are always checked).")
 @click.option("--graph-format", type=click.Choice(GRAPH_FORMATS), default="onnx", show_default=True,
               help="Run the .onnx graphs, or the ORT format ones (.ort, ONNX Runtime Mobile's) an --ort-format export wrote.")
-@click.option("--json", "as_json", is_flag=True, help="Print text, token ids and boxes (a detect answer's, in the image's pixels) as JSON.")
+@click.option("--json", "as_json", is_flag=True, help="Print text, token ids, boxes (a detect answer's, in the image's pixels) "
+                                                      "and masks (a segment answer's, as COCO RLE; needs a seg decoder) as JSON.")
 @click.option("--draw", type=click.Path(path_type=Path),
-              help="Write each image with its answer's boxes drawn: one --image to DRAW; several to DRAW-0, DRAW-1, ... "
+              help="Write each image with its answer's boxes and masks drawn: one --image to DRAW; several to DRAW-0, DRAW-1, ... "
                    "(out.png -> out-0.png, out-1.png). A file there is replaced; an input never is (exit 5).")
 def generate_command(artifact, images, prompts, max_new_tokens, dtype, check, graph_format, as_json, draw):
     """Answer prompts about images with an exported ARTIFACT on ONNX Runtime (greedy).
@@ -160,15 +163,18 @@ def generate_command(artifact, images, prompts, max_new_tokens, dtype, check, gr
     runtime = OnnxPaliGemma(artifact, dtype=dtype, check=check, graph_format=graph_format)
     results = runtime.generate(loaded, list(prompts), max_new_tokens=max_new_tokens)
     if as_json:
-        rows = [{"image": str(i), "prompt": p, "text": r.text, "tokens": r.tokens, "boxes": [b.as_json() for b in r.boxes]}
-                for i, p, r in zip(images, prompts, results)]
+        rows = [{"image": str(i), "prompt": p, "text": r.text, "tokens": r.tokens, "boxes": [b.as_json() for b in r.boxes],
+                 "masks": [m.as_json() for m in r.masks]} for i, p, r in zip(images, prompts, results)]
         click.echo(json.dumps(rows if len(rows) > 1 else rows[0], indent=2))
     else:
         for result in results:
             click.echo(result.text)
+    if not runtime.has_seg_decoder and any(box.codes for result in results for box in result.boxes):
+        click.echo(f"note: an answer has mask codes, but {artifact} has no seg decoder to turn them into masks: "
+                   "export with --seg-decoder vae-oid.npz", err=True)
     for path, image, result in zip(drawings, loaded, results):
-        save_drawing(draw_boxes(image, result.boxes), path)
-        click.echo(f"drew {len(result.boxes)} box(es) on {path}", err=True)
+        save_drawing(draw_boxes(image, result.boxes, result.masks), path)
+        click.echo(f"drew {len(result.boxes)} box(es) and {len(result.masks)} mask(s) on {path}", err=True)
 
 
 @main.command("validate")

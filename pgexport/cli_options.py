@@ -65,7 +65,7 @@ def _click_option(f: dataclasses.Field, hint):
         kind = click.IntRange(*bounds)
     elif bounds and item is float:
         kind = click.FloatRange(*bounds)
-    elif item is str and f.name in ("calibration", "eval_file", "train"):
+    elif item is str and f.name in ("calibration", "eval_file", "train", "seg_decoder"):
         kind = click.Path(path_type=str)
     else:
         kind = item

@@ -44,6 +44,11 @@ def check_opset(opset) -> int:
     return opset
 
 
+# Options that name a file a stage reads (a checkpoint for `reference`): inputs the output must keep
+# apart from, and what a build's cache key hashes.
+INPUT_OPTIONS = ("eval_file", "calibration", "train", "reference", "seg_decoder")
+
+
 def option(default, help: str, *, choices=None, bounds=None, flag: str | None = None, comma: bool = False,
            cli: bool = True):
     """A config field: `bounds` (least, most) inclusive, either may be None; `flag` the CLI spelling
@@ -180,6 +185,8 @@ class ExportConfig(QuantizeOptions, GraphPrecisions):
     eval_file: str | None = option(None, "JSONL of held-out rows for the exact-match check.")
     ort_format: bool = option(False, "Also write every graph in the ORT format (onnx/*.ort, for ONNX Runtime Mobile) and "
                                      "onnx/required_operators.config (the ops a reduced build needs).")
+    seg_decoder: str | None = option(None, "PaliGemma's segmentation decoder weights (big_vision's vae-oid.npz): also write "
+                                           "onnx/seg_decoder.onnx, which turns a segment answer's codes into masks.")
 
     def __post_init__(self):
         super().__post_init__()
@@ -216,6 +223,8 @@ class CoremlConfig:
     target: str = option("iOS18", "Minimum deployment target; the stateful decoder needs iOS18 or macOS15.", choices=TARGETS)
     max_context: int | None = option(None, "KV cache length in tokens (default: image tokens + 512).", bounds=(1, 1 << 20))
     validate: bool = option(True, "Check the export wrappers against transformers first.")
+    seg_decoder: str | None = option(None, "PaliGemma's segmentation decoder weights (big_vision's vae-oid.npz): also write "
+                                           "seg_decoder.mlpackage (fp16 whatever --compress), which turns a segment answer's codes into masks.")
 
 
 @dataclass(frozen=True)

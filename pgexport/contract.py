@@ -101,6 +101,18 @@ GRAPHS = (VISION, EMBED, DECODER)
 GRAPH_NAMES = tuple(spec.name for spec in GRAPHS)
 BY_OPTION = {spec.option: spec for spec in GRAPHS}  # CLI / recipe key -> graph
 
+# PaliGemma's segmentation decoder (big_vision's VQ-VAE decoder; pgexport.exporters.seg_decoder): a
+# `segment` answer's 16 <segNNN> codes -> mask logits over the box, > 0 inside. A fourth graph, written
+# when the export is given the decoder's weights (--seg-decoder vae-oid.npz); fp32 in every variant
+# (about 1M weights), so not one of GRAPHS.
+SEG_CODES, SEG_MASK_SIZE = 16, 64
+CODES, MASK_LOGITS = "codes", "mask_logits"
+SEG_DECODER = GraphSpec(
+    "seg_decoder", "seg_decoder",
+    inputs=(Tensor(CODES, ("batch_size", SEG_CODES), "int64", doc="the answer's <segNNN> numbers, in order"),),
+    outputs=(Tensor(MASK_LOGITS, ("batch_size", SEG_MASK_SIZE, SEG_MASK_SIZE), doc="over the box; > 0 inside the mask"),),
+)
+
 
 # File formats of a graph: ONNX, and (with --ort-format) ONNX Runtime's flatbuffer format, which
 # reduced-size builds (ONNX Runtime Mobile) load: onnx/<graph><suffix>.ort beside each .onnx, plus
@@ -167,5 +179,12 @@ COREML_DECODER = PackageSpec(
         Tensor(KEY_CACHE, ("layers", 1, "kv_heads", "max_context", "head_dim"), "float16"),
         Tensor(VALUE_CACHE, ("layers", 1, "kv_heads", "max_context", "head_dim"), "float16"),
     ),
+)
+COREML_SEG_DECODER = PackageSpec(
+    "seg_decoder",
+    "PaliGemma segmentation decoder (VQ-VAE): a segment answer's 16 <segNNN> codes -> 64 x 64 mask logits over its box.",
+    inputs=(Tensor(CODES, (1, SEG_CODES), "int32", doc="[1, 16] int32: the numbers of the answer's 16 <segNNN> tokens, in order."),),
+    outputs=(Tensor(MASK_LOGITS, (1, SEG_MASK_SIZE, SEG_MASK_SIZE), "float32",
+                    doc="[1, 64, 64] mask logits over the box (rows top to bottom): resize to the box, > 0 is inside."),),
 )
 PACKAGES = (COREML_VISION, COREML_DECODER)

@@ -19,6 +19,7 @@ from pgexport.config import ExportConfig, QuantizeConfig, make, methods_of, opti
 from pgexport.contract import GRAPH_NAMES, graph_path
 from pgexport.exporters import ort_format
 from pgexport.exporters.onnx import export_graphs
+from pgexport.exporters.seg_decoder import load_seg_decoder
 from pgexport.load import Checkpoint, default_model, load_checkpoint
 from pgexport.manifest import MANIFEST, read_manifest, require_files, sha256_file, write_manifest
 from pgexport.output import check_output, staging_folder
@@ -81,8 +82,9 @@ def export_onnx(model: str | Path | None = None, output: str | Path = "out", con
 
     output, config = Path(output), make(ExportConfig, config, **options)
     variants = plan_variants(methods_of(config), config.graphs())
-    inputs = [model if model is not None else default_model(), config.eval_file, config.calibration]
+    inputs = [model if model is not None else default_model(), config.eval_file, config.calibration, config.seg_decoder]
     dtypes = ["fp32", *variants]
+    seg_decoder = load_seg_decoder(config.seg_decoder) if config.seg_decoder else None  # a bad file fails here
     started = time.perf_counter()
     with (staging_folder(output, force, inputs) as staging,
           stages(4 + bool(variants) + config.ort_format + 2 * config.validate, progress) as advance):
@@ -91,6 +93,8 @@ def export_onnx(model: str | Path | None = None, output: str | Path = "out", con
         advance("exporting ONNX graphs")
         (staging / "onnx").mkdir()
         export_graphs(checkpoint.model, staging / "onnx", config.opset)
+        if seg_decoder is not None:
+            seg_fields = seg_decoder_fields(seg_decoder, config.seg_decoder, staging, config.opset, config.validate)
         if config.ort_format:
             ort_format.check_fits(staging)  # a graph over 2 GiB fails here, before quantizing
         advance("saving config, tokenizer and processor")
@@ -105,6 +109,8 @@ def export_onnx(model: str | Path | None = None, output: str | Path = "out", con
             "variants": variants,
             "license": license_note({"checkpoint": checkpoint.source}),
         }
+        if seg_decoder is not None:
+            fields["seg_decoder"] = seg_fields
         if config.validate:
             advance("running the PyTorch reference")
             reference = reference_outputs(
@@ -129,7 +135,24 @@ def export_onnx(model: str | Path | None = None, output: str | Path = "out", con
         write_card(staging, onnx_card({**fields, "parity": parity}))  # before the manifest: listed and hashed
         manifest = write_manifest(staging, **fields, parity=parity)
     _raise_if_failed(parity)
+    _raise_if_seg_failed(manifest)
     return manifest
+
+
+def seg_decoder_fields(module, source, staging: Path, opset: int, validate: bool) -> dict:
+    """Export the segmentation decoder to onnx/seg_decoder.onnx; its manifest record, with its parity
+    against the PyTorch module when `validate`."""
+    from pgexport.exporters.seg_decoder import describe, export_seg_decoder, onnx_parity
+
+    path = export_seg_decoder(module, staging / "onnx", opset)
+    return {**describe(source, module), "parity": onnx_parity(module, path) if validate else None}
+
+
+def _raise_if_seg_failed(manifest: dict) -> None:
+    parity = (manifest.get("seg_decoder") or {}).get("parity")
+    if parity is not None and not parity["passed"]:
+        raise GateFailedError(f"seg decoder parity failed: max relative difference {parity['max_rel_diff']:.3g} "
+                              f"(bound {parity['bound_rel']}), mask IoU {parity['mask_iou_clear']:.6f} (needs 1.0)")
 
 
 def _link_or_copy(source: Path, target: Path) -> None:

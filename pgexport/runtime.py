@@ -27,13 +27,14 @@ from pgexport.contract import (
     PAST,
     PIXEL_VALUES,
     POSITION_IDS,
+    SEG_DECODER,
     VISION,
     graph_path,
 )
 from pgexport.errors import BadInputError, UnsupportedError
 from pgexport.manifest import MANIFEST, read_manifest, require_files
 from pgexport.processor import Processor
-from pgexport.structured import Box, parse_detections
+from pgexport.structured import Box, Mask, parse_detections, paste_mask
 
 log = logging.getLogger(__name__)
 
@@ -57,13 +58,15 @@ StepHook = Callable[[str], None]
 @dataclass
 class Generation:
     """One row's result: new token ids (eos included when reached), their decoded text (`<loc>` and
-    `<seg>` tokens kept, other special tokens left out) and the boxes of a detection answer in the
-    original image's pixels (pgexport.structured; [] when the text holds none)."""
+    `<seg>` tokens kept, other special tokens left out), the boxes of a detection answer in the
+    original image's pixels (pgexport.structured; [] when the text holds none) and the masks of a
+    segment answer (those boxes with 16 codes, decoded when the artifact has onnx/seg_decoder.onnx)."""
 
     tokens: list[int]
     text: str
     logits: list[np.ndarray] = field(default_factory=list, repr=False)
     boxes: list[Box] = field(default_factory=list)
+    masks: list[Mask] = field(default_factory=list)
 
 
 def to_rgb(image: Image.Image, name: str = "image") -> Image.Image:
@@ -165,6 +168,9 @@ class OnnxPaliGemma:
     `graph_format` "ort" loads each graph's ONNX Runtime format file (onnx/<graph><suffix>.ort,
     written by --ort-format) instead of its .onnx, checked against the manifest the same way.
 
+    The segmentation decoder (onnx/seg_decoder.onnx, written by --seg-decoder) loads with the other
+    graphs when the folder has it, in the same format and checked the same way; `masks` runs it.
+
     `prefill_rows` > 0 runs the prompt through the decoder that many rows at a time (the KV
     caches are joined along the batch): the same outputs, with the prefill's activations held for
     those rows only (a batch of 4 at 896 px is a 16k-token prefill). Decoding stays batched.
@@ -191,6 +197,11 @@ class OnnxPaliGemma:
             raise BadInputError(f"unknown graph format {graph_format!r}: choose from {', '.join(GRAPH_FORMATS)}")
         self.graph_format = graph_format
         self.dtype, self.graph_dtypes, paths = self._graph_files(dtype)
+        seg_path = graph_path(self.folder, SEG_DECODER.name, "fp32", graph_format)
+        if graph_path(self.folder, SEG_DECODER.name).is_file() or seg_path.is_file():
+            if not seg_path.is_file():
+                raise BadInputError(f"{self.folder}: missing {seg_path.relative_to(self.folder)}")
+            paths[SEG_DECODER.name] = seg_path
         check_graph_files(self.folder, self.manifest, list(paths.values()), sha256=check)
         self.config = json.loads((self.folder / "config.json").read_text())
         self.processor = Processor(self.folder)
@@ -245,6 +256,20 @@ class OnnxPaliGemma:
                 raise BadInputError(f"{self.folder}: missing {path.relative_to(self.folder)}{hint}")
             precisions[graph], paths[graph] = precision, path
         return name, precisions, paths
+
+    @property
+    def has_seg_decoder(self) -> bool:
+        return SEG_DECODER.name in self.sessions
+
+    def masks(self, boxes: list[Box], width: int, height: int) -> list[Mask]:
+        """The masks of the boxes that carry 16 codes, in the original `width` x `height` image
+        (pgexport.structured.paste_mask); [] when none does or the artifact has no seg decoder."""
+        coded = [box for box in boxes if box.codes]
+        if not coded or not self.has_seg_decoder:
+            return []
+        codes = np.array([box.codes for box in coded], dtype=np.int64)
+        logits = self.sessions[SEG_DECODER.name].run(None, {SEG_DECODER.inputs[0].name: codes})[0]
+        return [Mask(box, paste_mask(grid, box, width, height)) for box, grid in zip(coded, logits)]
 
     def preprocess(self, images: list[Image.Image], prompts: list[str]) -> dict[str, np.ndarray]:
         """input_ids, attention_mask (left-padded) and pixel_values, as PaliGemmaProcessor makes them
@@ -371,5 +396,6 @@ class OnnxPaliGemma:
             if self.eos_token_id in row:
                 row = row[: row.index(self.eos_token_id) + 1]
             text = self.processor.decode_answer(row).strip()
-            results.append(Generation(tokens=row, text=text, boxes=parse_detections(text, width, height)))
+            boxes = parse_detections(text, width, height)
+            results.append(Generation(tokens=row, text=text, boxes=boxes, masks=self.masks(boxes, width, height)))
         return results

@@ -7,8 +7,8 @@ Syntax. An answer to `detect a ; b` is objects joined by `;`, each four location
 
 The tokens are y0 x0 y1 x1 (top, left, bottom, right), each a bin in 0..1023 of the model's square
 input. Read tolerantly, as Google's reference parser does: text before an object is skipped, spaces
-may sit between the tokens, up to 16 `<segNNN>` tokens after them (a `segment` answer's mask codes)
-are skipped, the label is the text up to the next `;` or `<` with spaces, tabs and newlines trimmed
+may sit between the tokens, up to 16 `<segNNN>` tokens may follow them (a `segment` answer's mask
+codes: the box keeps them as `codes` when there are exactly 16, each under 128), the label is the text up to the next `;` or `<` with spaces, tabs and newlines trimmed
 ("" when missing). Not a box: fewer than four location tokens in a row, a number over 1023, or a box
 with no extent (y1 <= y0 or x1 <= x0, as big_vision's evaluator rejects). Five location tokens in a
 row are a box of the first four (and no label) followed by a lone token.
@@ -22,6 +22,11 @@ of 64) reads as 16.0 .. 31.9375. The processor resizes the whole image to the sq
 keeping its aspect, so x scales by the original image's width and y by its height: the boxes are in
 the original image's pixels.
 
+Masks. A `segment` answer's 16 codes go through the segmentation decoder (onnx/seg_decoder.onnx,
+pgexport.exporters.seg_decoder) to 64 x 64 logits over the box; `paste_mask` resizes them to the box
+in the original image's pixels (bilinear, PIL) and keeps the pixels over 0, as big_vision's
+segmentation evaluator does (it maps bins with / 1023; here the box is the parser's, / 1024).
+
 Torch-free: the runtime (`Generation.boxes`) and `pgexport generate --json/--draw` use it.
 """
 
@@ -31,9 +36,10 @@ import math
 import os
 import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from pgexport.errors import OutputError
@@ -43,7 +49,9 @@ LOC_BINS = 1024
 # Four location tokens (spaces between them allowed), up to 16 segmentation tokens, the label.
 # The same pattern, character for character, is in structured.js and structured.swift.
 DETECTION = re.compile(r"<loc([0-9]{4})>[ \t\r\n]*<loc([0-9]{4})>[ \t\r\n]*<loc([0-9]{4})>[ \t\r\n]*<loc([0-9]{4})>"
-                       r"(?:[ \t\r\n]*<seg[0-9]{3}>){0,16}([^;<]*)")
+                       r"((?:[ \t\r\n]*<seg[0-9]{3}>){0,16})([^;<]*)")
+SEG = re.compile(r"<seg([0-9]{3})>")
+SEG_CODES, SEG_BOOK = 16, 128  # a mask is exactly 16 codes, each < 128 (<seg000>..<seg127>)
 SPACES = " \t\r\n"
 # The parsers copied into every artifact folder (written before its manifest: listed and hashed).
 JS_SOURCE = Path(__file__).with_name("structured.js")
@@ -51,6 +59,7 @@ SWIFT_SOURCE = Path(__file__).with_name("structured.swift")
 JS_FILE, SWIFT_FILE = "paligemma_structured.js", "paligemma_structured.swift"
 # Outline colours, in turn: none of them is the demo task's background or shape colours.
 PALETTE = ((255, 0, 255), (0, 255, 255), (255, 140, 0), (0, 255, 0), (255, 255, 255), (0, 0, 0))
+MASK_OPACITY = 0.5  # a mask's fill over the image in --draw
 
 
 @dataclass(frozen=True)
@@ -66,12 +75,16 @@ class Box:
     y1: float
     bins: tuple[int, int, int, int]
     score: float | None = None
+    codes: tuple[int, ...] = ()  # a segment answer's 16 mask codes (<segNNN> numbers), else ()
 
     def as_json(self) -> dict:
-        """{"label", "box": [x0, y0, x1, y1] in pixels, "bins": [y0, x0, y1, x1]} (and "score" when set)."""
+        """{"label", "box": [x0, y0, x1, y1] in pixels, "bins": [y0, x0, y1, x1]} (and "score",
+        "codes" when set)."""
         found = {"label": self.label, "box": [self.x0, self.y0, self.x1, self.y1], "bins": list(self.bins)}
         if self.score is not None:
             found["score"] = self.score
+        if self.codes:
+            found["codes"] = list(self.codes)
         return found
 
 
@@ -86,9 +99,69 @@ def parse_detections(text: str, width: float, height: float) -> list[Box]:
         y0, x0, y1, x1 = bins
         if max(bins) >= LOC_BINS or y1 <= y0 or x1 <= x0:
             continue
-        boxes.append(Box(label=match.group(5).strip(SPACES), x0=x0 / LOC_BINS * width, y0=y0 / LOC_BINS * height,
-                         x1=x1 / LOC_BINS * width, y1=y1 / LOC_BINS * height, bins=bins))
+        codes = tuple(int(code) for code in SEG.findall(match.group(5)))
+        if len(codes) != SEG_CODES or max(codes) >= SEG_BOOK:
+            codes = ()
+        boxes.append(Box(label=match.group(6).strip(SPACES), x0=x0 / LOC_BINS * width, y0=y0 / LOC_BINS * height,
+                         x1=x1 / LOC_BINS * width, y1=y1 / LOC_BINS * height, bins=bins, codes=codes))
     return boxes
+
+
+@dataclass(frozen=True)
+class Mask:
+    """A segmented object: its box (with the 16 codes) and the mask, a bool array [height, width] of
+    the original image (True inside)."""
+
+    box: Box
+    mask: np.ndarray = field(repr=False, compare=False)
+
+    @property
+    def label(self) -> str:
+        return self.box.label
+
+    def as_json(self) -> dict:
+        """The box's JSON, the mask's pixel count and the mask as COCO's uncompressed RLE
+        ({"size": [height, width], "counts": [...]}: run lengths down the columns, zeros first),
+        which pycocotools and most annotation tools read."""
+        return {**self.box.as_json(), "area": int(self.mask.sum()), "rle": rle_encode(self.mask)}
+
+
+def paste_mask(logits: np.ndarray, box: Box, width: int, height: int) -> np.ndarray:
+    """The decoder's [64, 64] logits over `box` as a bool mask of the whole `width` x `height` image:
+    resized (bilinear) to the box's whole pixels (int of its corners, as big_vision's evaluator
+    takes them), True where over 0. A box under one pixel wide or high gives an empty mask."""
+    full = np.zeros((height, width), dtype=bool)
+    left, top = min(int(box.x0), width), min(int(box.y0), height)
+    right, bottom = min(int(box.x1), width), min(int(box.y1), height)
+    if right <= left or bottom <= top:
+        return full
+    size = (right - left, bottom - top)
+    resized = Image.fromarray(np.asarray(logits, dtype=np.float32)).resize(size, Image.Resampling.BILINEAR)
+    full[top:bottom, left:right] = np.asarray(resized) > 0
+    return full
+
+
+def rle_encode(mask: np.ndarray) -> dict:
+    """COCO's uncompressed RLE of a bool [height, width] mask: alternating run lengths of False and
+    True in column-major order, starting with False (0 when the first pixel is True)."""
+    flat = np.asarray(mask, dtype=bool).ravel(order="F")
+    changes = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+    edges = np.concatenate([[0], changes, [flat.size]])
+    counts = np.diff(edges).tolist()
+    if flat.size and flat[0]:
+        counts = [0, *counts]
+    return {"size": list(mask.shape), "counts": counts}
+
+
+def rle_decode(rle: dict) -> np.ndarray:
+    """The bool mask of `rle_encode`'s output."""
+    height, width = rle["size"]
+    values = np.zeros(height * width, dtype=bool)
+    position, inside = 0, False
+    for count in rle["counts"]:
+        values[position:position + count] = inside
+        position, inside = position + count, not inside
+    return values.reshape((height, width), order="F")
 
 
 def pixel_span(start: float, end: float, size: int) -> tuple[int, int]:
@@ -97,10 +170,16 @@ def pixel_span(start: float, end: float, size: int) -> tuple[int, int]:
     return first, min(max(math.ceil(end) - 1, first), size - 1)
 
 
-def draw_boxes(image: Image.Image, boxes: list[Box]) -> Image.Image:
-    """A copy of `image` (RGB) with each box's outline and label drawn (PIL's default font), colours
-    taken in turn from PALETTE. Lines are 1 pixel wide up to 320 pixels, thicker beyond."""
+def draw_boxes(image: Image.Image, boxes: list[Box], masks: list[Mask] = ()) -> Image.Image:
+    """A copy of `image` (RGB) with each mask filled at MASK_OPACITY in its box's colour, then each
+    box's outline and label drawn (PIL's default font), colours taken in turn from PALETTE. Lines
+    are 1 pixel wide up to 320 pixels, thicker beyond."""
     drawn = image.convert("RGB")  # a copy, even of an RGB image
+    for found in masks:
+        index = boxes.index(found.box) if found.box in boxes else 0
+        tint = Image.new("RGB", drawn.size, PALETTE[index % len(PALETTE)])
+        where = Image.fromarray((found.mask * round(255 * MASK_OPACITY)).astype(np.uint8))
+        drawn.paste(tint, (0, 0), where)
     draw = ImageDraw.Draw(drawn)
     font = ImageFont.load_default()
     width, height = drawn.size
@@ -173,5 +252,5 @@ def copy_parsers(folder: str | Path, kinds: tuple[str, ...] = ("js",)) -> list[P
     return written
 
 
-__all__ = ["Box", "JS_FILE", "LOC_BINS", "SWIFT_FILE", "copy_parsers", "draw_boxes", "drawing_paths",
-           "parse_detections", "save_drawing"]
+__all__ = ["Box", "JS_FILE", "LOC_BINS", "Mask", "SWIFT_FILE", "copy_parsers", "draw_boxes", "drawing_paths",
+           "parse_detections", "paste_mask", "rle_decode", "rle_encode", "save_drawing"]

@@ -50,6 +50,17 @@ def parity_table(parity: dict) -> Table:
     return table
 
 
+def seg_parity_line(record: dict) -> str:
+    """One line on the segmentation decoder of a manifest's "seg_decoder" record."""
+    parity = record.get("parity")
+    head = f"seg decoder ({record['source']}, {record['codebook_size']} codes): "
+    if parity is None:
+        return head + "parity not checked (--no-validate)"
+    return head + (f"{parity['hop']}, max |d| {parity['max_abs_diff']:.3g} ({parity['max_rel_diff']:.2g} of the largest "
+                   f"logit, bound {parity['bound_rel']:g}), mask IoU {parity['mask_iou']:.6f} over {parity['rows']} code rows: "
+                   + ("pass" if parity["passed"] else "FAIL"))
+
+
 def print_sizes(console, sizes: dict) -> None:
     from pgexport.contract import GRAPH_NAMES
 

@@ -82,15 +82,28 @@ def inputs_untouched(input_guard):
 
 
 @pytest.fixture(scope="session")
-def demo_run(tmp_path_factory, input_guard):
-    """`pgexport onnx --int8` of the demo model, gate on, once per session: (folder, click result).
-    Every test that needs the demo's graphs reads this folder (an input: the guard checks it)."""
+def seg_npz(tmp_path_factory, input_guard) -> Path:
+    """A segmentation decoder file with vae-oid.npz's structure and shapes, random weights (the real
+    one cannot be downloaded here), written once per session (an input: the guard checks it)."""
+    from pgexport.exporters.seg_decoder import write_random_npz
+
+    folder = tmp_path_factory.mktemp("seg")
+    write_random_npz(folder / "vae-oid.npz")
+    input_guard.add(folder)
+    return folder / "vae-oid.npz"
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory, input_guard, seg_npz):
+    """`pgexport onnx --int8 --seg-decoder vae-oid.npz` of the demo model, gate on, once per session:
+    (folder, click result). Every test that needs the demo's graphs reads this folder (an input: the
+    guard checks it)."""
     from click.testing import CliRunner
 
     from pgexport.cli import main
 
     out = tmp_path_factory.mktemp("demo") / "out"
-    result = CliRunner().invoke(main, ["onnx", "--int8", "-o", str(out)])
+    result = CliRunner().invoke(main, ["onnx", "--int8", "--seg-decoder", str(seg_npz), "-o", str(out)])
     assert result.exit_code == 0, result.output
     return input_guard.add(out), result
 

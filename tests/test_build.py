@@ -193,7 +193,7 @@ def test_bench_stage_and_latency_gate(built, recipe, tmp_path):
     ({"stages": [{"stage": "quantise"}]},
      "stages[0].stage: unknown stage 'quantise'; allowed: onnx, quantize, coreml, distill, validate, bench, verify"),
     ({"stages": [{"stage": "onnx", "int9": True}]}, "stages[0]: unknown key 'int9' (did you mean 'int8'?); allowed: name, "
-                                                    "input, int8, int4, fp16, opset, validate, eval_file, ort_format, vision"),
+                                                    "input, int8, int4, fp16, opset, validate, eval_file, ort_format, seg_decoder, vision"),
     ({"stages": [{"stage": "quantize", "method": ["q4"]}]}, "stages[0]: unknown key 'method' (did you mean 'methods'?)"),
     ({"stages": [{"stage": "validate", "eval-file": "x.jsonl"}]}, "stages[0]: unknown key 'eval-file' (did you mean 'eval_file'?)"),
     ({"stages": [{"stage": "onnx", "int8": "yes"}]}, "stages[0].int8: expected true or false, got 'yes'"),

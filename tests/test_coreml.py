@@ -90,12 +90,12 @@ def test_pixel_normalisation_reproduces_the_processor(demo):
 
 
 @pytest.fixture(scope="module")
-def int4_artifact(tmp_path_factory):
-    """The demo model converted with int4 compression (wrapper gate on), once for the module."""
+def int4_artifact(tmp_path_factory, seg_npz):
+    """The demo model converted with int4 compression and a seg decoder (wrapper gates on), once for the module."""
     from pgexport.coreml.convert import to_coreml
 
     output = tmp_path_factory.mktemp("coreml") / "demo-int4"
-    manifest = to_coreml(None, output, compress="int4", max_context=64, progress=False)
+    manifest = to_coreml(None, output, compress="int4", max_context=64, seg_decoder=seg_npz, progress=False)
     return output, manifest
 
 
@@ -125,6 +125,12 @@ def test_conversion_writes_checked_packages(int4_artifact):
     # int4 per block: well under half of the fp16 package; the tied embedding is stored once.
     for entry in manifest["packages"].values():
         assert entry["bytes"] < 0.5 * entry["fp16_bytes"]
+    # The seg decoder's package: checked spec, its wrapper gated, its record in the manifest and card.
+    seg = manifest["seg_decoder"]
+    assert manifest["spec_check"]["expected"]["seg_decoder"] is True and (output / "seg_decoder.mlpackage").is_dir()
+    assert seg["wrapper_parity"]["passed"] and seg["wrapper_parity"]["mask_iou_clear"] == 1.0
+    assert seg["bytes"] < 3e6  # 1.1M weights in fp16
+    assert "seg_decoder.mlpackage" in (output / "README.md").read_text()
     # The spec check is not a rubber stamp: a wrong expectation is reported.
     wrong = {**manifest["spec_check"]["expected"], "max_context": 65, "state_shape": [4, 1, 1, 65, 32], "compress": "palettize4"}
     problems = check_spec(output, wrong)
@@ -147,6 +153,7 @@ def test_validate_on_linux_says_runtime_parity_was_skipped(int4_artifact, tmp_pa
     result = CliRunner().invoke(main, ["validate", str(output)])
     assert result.exit_code == 0, result.output
     assert "runtime parity: SKIPPED" in result.output and "macOS" in result.output
+    assert "seg decoder parity: SKIPPED" in result.output
     assert "every file matches" in result.output
     broken = tmp_path / "broken"
     shutil.copytree(output, broken)
@@ -161,6 +168,7 @@ def test_runtime_parity_on_macos(int4_artifact):
 
     report = validate_coreml(int4_artifact[0])
     assert report["runtime"]["passed"], report["runtime"]
+    assert report["seg_decoder"]["passed"], report["seg_decoder"]
 
 
 @pytest.mark.parametrize(

@@ -83,18 +83,30 @@ CASES = [
      [("triangle", 0, 0, 15.9375, 15.9375, (0, 0, 255, 255)), ("triangle", 0, 48, 15.9375, 63.9375, (768, 0, 1023, 255))]),
     ("red circle and blue square", 64, 64, []),
     ("", 64, 64, []),
+    # Segment answers whose codes do not make a mask (15 codes; a number over 127): boxes still.
+    (f"<loc0256><loc0256><loc0768><loc0768>{SEGS[:-8]} a ; <loc0000><loc0000><loc0512><loc0512><seg200>{SEGS[8:]} b",
+     1024, 1024, [("a", 256, 256, 768, 768, (256, 256, 768, 768)), ("b", 0, 0, 512, 512, (0, 0, 512, 512))]),
 ]
+# The codes each case's boxes keep: a segment answer's 16 numbers when there are 16, each under 128.
+CODES = {10: [tuple(range(16))], 17: [(), ()]}
 
 
 def as_tuples(boxes: list[Box]) -> list[tuple]:
     return [(b.label, b.x0, b.y0, b.x1, b.y1, b.bins) for b in boxes]
 
 
+@pytest.mark.parametrize("index", range(len(CASES)))
+def test_parser_keeps_a_segment_answers_codes(index):
+    text, width, height, expected = CASES[index]
+    assert [b.codes for b in parse_detections(text, width, height)] == CODES.get(index, [()] * len(expected))
+
+
 def cases_json() -> list[dict]:
     """CASES with what the Python parser returns, as the JavaScript test and the macOS workflow's
     Swift check (tests/swift/main.swift) read them."""
     return [{"text": text, "width": width, "height": height,
-             "boxes": [{"label": b.label, "x0": b.x0, "y0": b.y0, "x1": b.x1, "y1": b.y1, "bins": list(b.bins)}
+             "boxes": [{"label": b.label, "x0": b.x0, "y0": b.y0, "x1": b.x1, "y1": b.y1, "bins": list(b.bins),
+                        "codes": list(b.codes)}
                        for b in parse_detections(text, width, height)]} for text, width, height, _ in CASES]
 
 
@@ -132,7 +144,7 @@ def test_javascript_parser_equals_the_python_one(demo_onnx):
     assert shipped.read_bytes() == JS_SOURCE.read_bytes()
     cases = cases_json()
     for case, boxes in zip(cases, run_js(shipped, cases), strict=True):
-        assert [{key: box[key] for key in ("label", "x0", "y0", "x1", "y1", "bins")} for box in boxes] == case["boxes"], case
+        assert [{key: box[key] for key in ("label", "x0", "y0", "x1", "y1", "bins", "codes")} for box in boxes] == case["boxes"], case
         assert all(box["score"] is None for box in boxes)
 
 

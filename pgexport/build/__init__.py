@@ -29,6 +29,7 @@ from pgexport.build.cache import (
 )
 from pgexport.build.report import build_manifest, gate_label, summary_tables
 from pgexport.build.runners import RUNNERS, checkpoint_of, input_hash
+from pgexport.config import INPUT_OPTIONS
 from pgexport.errors import BadInputError, GateFailedError
 from pgexport.manifest import MANIFEST, sha256_file, verify, versions
 from pgexport.output import build_lock, check_inputs_apart
@@ -59,7 +60,7 @@ def build(recipe: str | Path | dict | Recipe, output: str | Path | None = None, 
     out = Path(output if output is not None else recipe.output)
     recipe = dataclasses.replace(recipe, output=str(out))  # the manifest records where it was built
     named_files = [getattr(stage.config, key, None) for stage in recipe.stages
-                   for key in ("eval_file", "calibration", "train", "reference")]
+                   for key in INPUT_OPTIONS]
     check_inputs_apart(out, [recipe_file, checkpoint_of(recipe), *named_files])
     claim(out)
     with build_lock(out):

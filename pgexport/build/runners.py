@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 from pgexport.build.cache import json_sha256, machine, path_sha256, stage_output_sha256
+from pgexport.config import INPUT_OPTIONS
 from pgexport.manifest import read_manifest, write_manifest
 from pgexport.output import staging_folder
 from pgexport.recipe import ONNX_ARTIFACTS, Recipe, Stage
@@ -60,7 +61,7 @@ def input_hash(recipe: Recipe, stage: Stage, out: Path, source_hash: str) -> str
     inputs = {}
     if stage.kind in ("onnx", "coreml", "distill", "quantize"):
         inputs["source"] = stage_output_sha256(out / stage.input) if stage.input is not None else source_hash
-    for key in ("eval_file", "calibration", "train", "reference"):
+    for key in INPUT_OPTIONS:
         if getattr(stage.config, key, None):
             inputs[key] = path_sha256(getattr(stage.config, key))
     if stage.kind in ("validate", "bench"):

@@ -23,6 +23,7 @@ from pgexport.config import COMPRESSIONS, STATEFUL_TARGETS, TARGETS, CoremlConfi
 from pgexport.contract import (
     COREML_DECODER,
     COREML_RANGE_DIMS,
+    COREML_SEG_DECODER,
     COREML_VISION,
     IMAGE,
     KEY_CACHE,
@@ -36,7 +37,7 @@ from pgexport.errors import BadInputError, GateFailedError, UnsupportedError, im
 
 CONTEXT_AFTER_IMAGE = 512  # default --max-context: the image tokens plus this many prompt + answer tokens
 FORMAT = "pgexport-coreml/1"
-NUMPY_TYPES = {"float16": np.float16, "int32": np.int32}  # the contract's tensor dtypes
+NUMPY_TYPES = {"float16": np.float16, "float32": np.float32, "int32": np.int32}  # the contract's tensor dtypes
 def check_request(compress: str, target: str) -> None:
     """Refuse an unknown compression or target, and a target without Core ML state, before any work."""
     if compress not in COMPRESSIONS:
@@ -176,6 +177,36 @@ def convert_decoder(model, target: str, max_context: int):
     )
 
 
+def convert_seg_decoder(module, target: str):
+    """The segmentation decoder (pgexport.exporters.seg_decoder) with int32 codes [1, 16] in and fp32
+    mask logits [1, 64, 64] out, fp16 compute. Traced in fp32; returns (package, trace)."""
+    import coremltools as ct
+
+    (codes,) = COREML_SEG_DECODER.inputs
+    with torch.no_grad():
+        traced = torch.jit.trace(module.float().eval(), torch.zeros(codes.dims, dtype=torch.int32))
+    mlmodel = ct.convert(
+        traced,
+        inputs=[ct.TensorType(codes.name, shape=codes.dims, dtype=NUMPY_TYPES[codes.dtype])],
+        outputs=[ct.TensorType(t.name, dtype=NUMPY_TYPES[t.dtype]) for t in COREML_SEG_DECODER.outputs],
+        minimum_deployment_target=getattr(ct.target, target),
+        compute_precision=ct.precision.FLOAT16,
+        convert_to="mlprogram",
+    )
+    return mlmodel, traced
+
+
+def seg_wrapper_parity(module, traced) -> dict:
+    """The trace coremltools converted (int32 codes, one row per call) against the PyTorch module, on
+    every probe row: the wrapper check that runs everywhere (Core ML's own predictions need macOS)."""
+    from pgexport.exporters.seg_decoder import compare_masks, probe_codes, reference_logits
+
+    codes = probe_codes(module.codebook_size)
+    with torch.no_grad():
+        candidate = np.concatenate([traced(torch.from_numpy(row[None].astype(np.int32))).numpy() for row in codes])
+    return {"hop": "PyTorch -> traced wrapper (int32 codes, fp32)", **compare_masks(reference_logits(module, codes), candidate)}
+
+
 def compress_model(mlmodel, compress: str):
     """Weight compression with coremltools.optimize (data-free): int8 per channel, int4 per block of
     32 input channels (needs iOS18), or a 4-bit k-means palette per tensor."""
@@ -274,12 +305,17 @@ def to_coreml(model: str | Path | None = None, output: str | Path = "out-coreml"
     compress, target, validate = config.compress, config.target, config.validate
     check_request(compress, target)
     max_context = check_context(load_config(model, allow_pickle=allow_pickle), config.max_context)  # before any work
-    inputs = [model if model is not None else default_model()]
+    seg_decoder = None
+    if config.seg_decoder:
+        from pgexport.exporters.seg_decoder import describe as describe_seg, load_seg_decoder
+
+        seg_decoder = load_seg_decoder(config.seg_decoder)
+    inputs = [model if model is not None else default_model(), config.seg_decoder]
     check_output(output, force, inputs)
     with harmless_coremltools_logs_dropped():  # those it logs when first imported
         ct = import_optional("coremltools", "coreml")
     started = time.perf_counter()
-    with (staging_folder(output, force, inputs) as staging, stages(7 + validate, progress) as advance,
+    with (staging_folder(output, force, inputs) as staging, stages(7 + validate + bool(seg_decoder), progress) as advance,
           temp_files_in(staging / ".tmp") as scratch_files, quiet_coremltools()):
         advance("loading checkpoint")
         checkpoint = load_checkpoint(model, allow_pickle=allow_pickle)
@@ -330,6 +366,16 @@ def to_coreml(model: str | Path | None = None, output: str | Path = "out-coreml"
             entry["ratio"] = round(entry["bytes"] / entry["fp16_bytes"], 4)
             packages[package.name] = entry
             del mlmodel
+        if seg_decoder is not None:
+            advance(f"converting {COREML_SEG_DECODER.name}")
+            mlmodel, traced = convert_seg_decoder(seg_decoder, target)
+            describe(mlmodel, COREML_SEG_DECODER, fields)
+            mlmodel.save(str(staging / COREML_SEG_DECODER.filename))
+            fields["seg_decoder"] = {**describe_seg(config.seg_decoder, seg_decoder),
+                                     "path": str(Path(config.seg_decoder).resolve()),  # validate reads it on macOS
+                                     "bytes": package_bytes(staging / COREML_SEG_DECODER.filename),
+                                     "wrapper_parity": seg_wrapper_parity(seg_decoder, traced) if validate else None}
+            del mlmodel, traced
         advance("saving tokenizer, prompt layout and README")
         text = checkpoint.config.text_config
         state_shape = [text.num_hidden_layers, 1, text.num_key_value_heads, max_context, text.head_dim]
@@ -340,7 +386,7 @@ def to_coreml(model: str | Path | None = None, output: str | Path = "out-coreml"
         advance("checking the saved specs")
         expected = {"target": target, "compress": compress, "max_context": max_context, "state_shape": state_shape,
                     "image_size": layout["image_size"], "num_image_tokens": layout["num_image_tokens"],
-                    "hidden_size": text.hidden_size, "vocab_size": text.vocab_size}
+                    "hidden_size": text.hidden_size, "vocab_size": text.vocab_size, "seg_decoder": seg_decoder is not None}
         spec = {"expected": expected, "problems": check_spec(staging, expected)}
         advance("writing manifest")
         shutil.rmtree(scratch_files)  # coremltools' temporary packages, all saved or released by now
@@ -352,6 +398,10 @@ def to_coreml(model: str | Path | None = None, output: str | Path = "out-coreml"
         write_card(staging, coreml_card(fields, package_readme.render(layout, fields, packages)))
         manifest = write_manifest(staging, **fields)
     failures = (parity["wrappers"] or {}).get("failures", []) + spec["problems"]
+    seg_parity = (manifest.get("seg_decoder") or {}).get("wrapper_parity")
+    if seg_parity is not None and not seg_parity["passed"]:
+        failures.append(f"seg decoder wrapper: max relative difference {seg_parity['max_rel_diff']:.3g}, "
+                        f"mask IoU {seg_parity['mask_iou_clear']:.6f}")
     if failures:
         raise GateFailedError(f"Core ML export checks failed: {failures}")
     return manifest

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from pgexport.contract import COREML_DECODER, COREML_RANGE_DIMS, COREML_VISION, IMAGE, Tensor
+from pgexport.contract import COREML_DECODER, COREML_RANGE_DIMS, COREML_SEG_DECODER, COREML_VISION, IMAGE, Tensor
 
 # Core ML specification version of each deployment target (iOS18 and macOS15 are both 9).
 SPEC_VERSION = {"iOS17": 8, "iOS18": 9, "macOS15": 9}
@@ -16,7 +16,7 @@ SPEC_VERSION = {"iOS17": 8, "iOS18": 9, "macOS15": 9}
 COMPRESSION_OPS = {"int8": "constexpr_blockwise_shift_scale", "int4": "constexpr_blockwise_shift_scale",
                    "palettize4": "constexpr_lut_to_dense"}
 STATEFUL_OPS = ("read_state", "slice_update", "write_state")
-ARRAY_TYPES = {"float16": 65552, "int32": 131104}  # the contract's dtypes as ArrayFeatureType.ArrayDataType
+ARRAY_TYPES = {"float16": 65552, "float32": 65568, "int32": 131104}  # the contract's dtypes as ArrayFeatureType.ArrayDataType
 
 
 def program_ops(spec) -> Counter:
@@ -121,11 +121,33 @@ def check_decoder(spec, expected: dict) -> list[str]:
     return problems
 
 
+def check_seg_decoder(spec, expected: dict) -> list[str]:
+    """seg_decoder.mlpackage: its fixed-shape input and output, as the contract has them."""
+    problems, name = [], COREML_SEG_DECODER.name
+    for kind, features, tensors in (("input", spec.description.input, COREML_SEG_DECODER.inputs),
+                                    ("output", spec.description.output, COREML_SEG_DECODER.outputs)):
+        found = {f.name: f for f in features}
+        for tensor in tensors:
+            if tensor.name not in found:
+                problems.append(f"{name}: no {kind} {tensor.name!r}")
+                continue
+            array = _array(found[tensor.name])
+            if array.dataType != ARRAY_TYPES[tensor.dtype]:
+                problems.append(f"{name}: {kind} {tensor.name} has data type {array.dataType}, expected {ARRAY_TYPES[tensor.dtype]}")
+            if list(array.shape) not in ([], list(tensor.dims)):
+                problems.append(f"{name}: {kind} {tensor.name} shape {list(array.shape)}, expected {list(tensor.dims)}")
+    return problems
+
+
 def check_spec(folder: Path, expected: dict) -> list[str]:
-    """Every problem with the packages in `folder` against `expected` (from the manifest); [] when fine."""
+    """Every problem with the packages in `folder` against `expected` (from the manifest); [] when fine.
+    The seg decoder's package is checked when `expected` says the export made one."""
     folder = Path(folder)
     problems = []
-    for contract, check in ((COREML_VISION, check_vision), (COREML_DECODER, check_decoder)):
+    checks = [(COREML_VISION, check_vision), (COREML_DECODER, check_decoder)]
+    if expected.get("seg_decoder"):
+        checks.append((COREML_SEG_DECODER, check_seg_decoder))
+    for contract, check in checks:
         package, path = contract.name, folder / contract.filename
         if not path.is_dir():
             problems.append(f"{package}: {path.name} missing")
@@ -143,7 +165,7 @@ def check_spec(folder: Path, expected: dict) -> list[str]:
         if not spec.description.metadata.shortDescription or not spec.description.metadata.license:
             problems.append(f"{package}: description or license missing")
         compression_op = COMPRESSION_OPS.get(expected["compress"])
-        if compression_op and not program_ops(spec)[compression_op]:
+        if compression_op and contract is not COREML_SEG_DECODER and not program_ops(spec)[compression_op]:  # fp16 always
             problems.append(f"{package}: --compress {expected['compress']} but no {compression_op} op")
         problems += check(spec, expected)
     return problems

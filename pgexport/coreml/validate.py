@@ -14,7 +14,18 @@ from pathlib import Path
 
 import numpy as np
 
-from pgexport.contract import ATTENTION_MASK, COREML_DECODER, COREML_VISION, IMAGE, IMAGE_FEATURES, INPUT_IDS, LOGITS
+from pgexport.contract import (
+    ATTENTION_MASK,
+    CODES,
+    COREML_DECODER,
+    COREML_SEG_DECODER,
+    COREML_VISION,
+    IMAGE,
+    IMAGE_FEATURES,
+    INPUT_IDS,
+    LOGITS,
+    MASK_LOGITS,
+)
 from pgexport.coreml.parity import decode_mask, prefill_mask
 from pgexport.metrics import logit_stats, token_agreement
 
@@ -23,6 +34,11 @@ RUNTIME_NEW_TOKENS = 8
 # compressed packages are graded on logits only (the demo model's int8/int4 tokens may drift).
 MIN_COSINE = {"none": 0.995, "int8": 0.99, "int4": 0.95, "palettize4": 0.95}
 MIN_TOKEN_AGREEMENT = {"none": 0.5}
+# seg_decoder.mlpackage computes in fp16 (unit roundoff 4.9e-4): its weights and every layer's output
+# are rounded to fp16, about 10 layers deep, each output a sum of up to 1152 products. 2e-2 of the
+# largest |logit| leaves 4x room over 10 layers of (weights + output) rounding at sqrt(1152) u each;
+# not measured here (Core ML predicts on macOS only).
+SEG_FP16_REL = 2e-2
 
 
 def runtime_unavailable() -> str | None:
@@ -105,6 +121,29 @@ def runtime_parity(artifact: Path, manifest: dict, reference: str | None, allow_
     return compare_runtime(checkpoint, vision, decoder, manifest["options"]["compress"])
 
 
+def seg_runtime_parity(artifact: Path, manifest: dict) -> dict | None:
+    """seg_decoder.mlpackage on Core ML against the PyTorch decoder of the weights it was converted
+    from (the manifest's path, if that file is still there with the same sha256): macOS only."""
+    import coremltools as ct
+
+    from pgexport.exporters.seg_decoder import compare_masks, describe, load_seg_decoder, probe_codes, reference_logits
+
+    record = manifest.get("seg_decoder")
+    if not record:
+        return None
+    source = Path(record.get("path", ""))
+    if not source.is_file():
+        return {"skipped": f"the seg decoder's weights {source} are not there to compare with"}
+    module = load_seg_decoder(source)
+    if describe(source, module)["sha256"] != record["sha256"]:
+        return {"skipped": f"{source} has changed since the conversion (another sha256)"}
+    package = ct.models.MLModel(str(artifact / COREML_SEG_DECODER.filename))
+    codes = probe_codes(module.codebook_size)
+    candidate = np.concatenate([np.asarray(package.predict({CODES: row[None].astype(np.int32)})[MASK_LOGITS]) for row in codes])
+    return {"hop": "PyTorch -> Core ML seg decoder (fp16 compute)",
+            **compare_masks(reference_logits(module, codes), candidate.astype(np.float32), bound=SEG_FP16_REL)}
+
+
 def validate_coreml(artifact: str | Path, reference: str | Path | None = None, *, allow_pickle: bool = False) -> dict:
     """Check a Core ML artifact: files, specs, and (on macOS) runtime parity against transformers."""
     from pgexport.coreml.spec import check_spec
@@ -115,7 +154,10 @@ def validate_coreml(artifact: str | Path, reference: str | Path | None = None, *
     report = {"format": manifest["format"], "files": verify(artifact), "spec": check_spec(artifact, manifest["spec_check"]["expected"])}
     skipped = runtime_unavailable()
     report["runtime"] = {"skipped": skipped} if skipped else runtime_parity(artifact, manifest, reference, allow_pickle)
-    report["passed"] = not report["files"] and not report["spec"] and report["runtime"].get("passed", True)
+    if manifest.get("seg_decoder"):
+        report["seg_decoder"] = {"skipped": skipped} if skipped else seg_runtime_parity(artifact, manifest)
+    report["passed"] = (not report["files"] and not report["spec"] and report["runtime"].get("passed", True)
+                        and (report.get("seg_decoder") or {}).get("passed", True))
     return report
 
 
@@ -130,4 +172,10 @@ def report_lines(report: dict) -> list[str]:
         lines.append(f"runtime parity ({runtime['hop']}): min cosine {runtime['min_cosine']:.5f}, "
                      f"greedy token agreement {runtime['token_agreement']:.0%}: "
                      + ("pass" if runtime["passed"] else "FAIL: " + "; ".join(runtime["failures"])))
+    seg = report.get("seg_decoder")
+    if seg is not None and "skipped" in seg:
+        lines.append(f"seg decoder parity: SKIPPED: {seg['skipped']}")
+    elif seg is not None:
+        lines.append(f"seg decoder parity ({seg['hop']}): max |d| {seg['max_rel_diff']:.2g} of the largest logit "
+                     f"(bound {seg['bound_rel']:g}), mask IoU {seg['mask_iou']:.6f}: " + ("pass" if seg["passed"] else "FAIL"))
     return lines

@@ -94,7 +94,7 @@ def _parameter_bytes(module: torch.nn.Module) -> int:
 
 
 @contextlib.contextmanager
-def _quiet_exporter():
+def quiet_exporter():
     """torch.onnx prints its progress and many warnings; keep the CLI output to ours."""
     loggers = [logging.getLogger(name) for name in ("torch.onnx", "onnxscript", "torch.export", "torch._dynamo")]
     levels = [logger.level for logger in loggers]
@@ -176,7 +176,7 @@ def export_graph(model, spec: GraphExport, out_dir: Path, opset: int = DEFAULT_O
     path = Path(out_dir) / spec.filename
     external = _parameter_bytes(module) > EXTERNAL_DATA_THRESHOLD
     example = spec.example_inputs(model.config)
-    with torch.no_grad(), _quiet_exporter():
+    with torch.no_grad(), quiet_exporter():
         program = torch.onnx.export(
             module,
             example,

@@ -4,7 +4,7 @@
 //   swiftc pgexport/structured.swift tests/swift/main.swift -o structured-check && ./structured-check cases.json
 //
 // cases.json is tests/test_structured.py's cases_json(): [{"text", "width", "height", "boxes": [{"label",
-// "x0", "y0", "x1", "y1", "bins"}]}], "boxes" being what the Python parser returned. Exits 1 on any difference.
+// "x0", "y0", "x1", "y1", "bins", "codes"}]}], "boxes" being what the Python parser returned. Exits 1 on any difference.
 
 import Foundation
 
@@ -26,7 +26,9 @@ for item in cases {
     for (box, want) in zip(boxes, expected) {
         let coordinates = ["x0", "y0", "x1", "y1"].map { number(want[$0]) }
         let bins = (want["bins"] as? [Any] ?? []).map { Int(exactly: number($0)) ?? -1 }
-        if box.label != (want["label"] as? String) || [box.x0, box.y0, box.x1, box.y1] != coordinates || box.bins != bins {
+        let codes = (want["codes"] as? [Any] ?? []).map { Int(exactly: number($0)) ?? -1 }
+        if box.label != (want["label"] as? String) || [box.x0, box.y0, box.x1, box.y1] != coordinates || box.bins != bins
+            || box.codes != codes {
             same = false
         }
     }
@@ -37,7 +39,7 @@ for item in cases {
 }
 // One known answer too, so that an empty or wrong cases file cannot pass.
 let known = parseDetections("<loc0256><loc0000><loc0511><loc0255> circle", width: 640, height: 480)
-if known != [Detection(label: "circle", x0: 0, y0: 120, x1: 159.375, y1: 239.53125, bins: [256, 0, 511, 255])] {
+if known != [Detection(label: "circle", x0: 0, y0: 120, x1: 159.375, y1: 239.53125, bins: [256, 0, 511, 255], codes: [])] {
     failures += 1
     print("differs on the known answer: \(known)")
 }
