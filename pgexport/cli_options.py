@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from pgexport.config import option_fields, shown_bounds
+from pgexport.config import is_power_of_two, option_fields, shown_bounds
 
 
 class CommaList(click.ParamType):
@@ -38,6 +38,18 @@ class CommaList(click.ParamType):
         return items
 
 
+class PowerOfTwo(click.IntRange):
+    """An int in a range that must also be a power of two: refused by click (exit 2) like one out of range."""
+
+    name = "power of two"
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if not is_power_of_two(number):
+            self.fail(f"{number} is not a power of two", param, ctx)
+        return number
+
+
 def _base(hint):
     """int for `int | None`, (tuple, int) for `tuple[int, ...]`..."""
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
@@ -61,6 +73,8 @@ def _click_option(f: dataclasses.Field, hint):
                             show_default=default is not None, help=help_text)
     if choices:
         kind = click.Choice(choices)
+    elif bounds and item is int and meta.get("power_of_two"):
+        kind = PowerOfTwo(*bounds)
     elif bounds and item is int:
         kind = click.IntRange(*bounds)
     elif bounds and item is float:

@@ -50,11 +50,13 @@ INPUT_OPTIONS = ("eval_file", "calibration", "train", "reference", "seg_decoder"
 
 
 def option(default, help: str, *, choices=None, bounds=None, flag: str | None = None, comma: bool = False,
-           cli: bool = True):
+           cli: bool = True, power_of_two: bool = False):
     """A config field: `bounds` (least, most) inclusive, either may be None; `flag` the CLI spelling
     when it is not --field-name; `comma` a list given as one comma-separated CLI value (a repeated
-    option otherwise); `cli=False` for options only Python and recipes set."""
-    metadata = {"help": help, "choices": choices, "bounds": bounds, "flag": flag, "comma": comma, "cli": cli}
+    option otherwise); `cli=False` for options only Python and recipes set; `power_of_two` for an
+    int that must be one (checked with the bounds: the CLI refuses both alike)."""
+    metadata = {"help": help, "choices": choices, "bounds": bounds, "flag": flag, "comma": comma, "cli": cli,
+                "power_of_two": power_of_two}
     return field(default=default, metadata=metadata)
 
 
@@ -70,6 +72,12 @@ def check(config) -> None:
                 raise BadInputError(f"unknown {f.name.replace('_', ' ')} {item!r}: choose from {', '.join(map(str, meta['choices']))}")
             if meta.get("bounds") and not in_bounds(item, meta["bounds"]):
                 raise BadInputError(f"{f.name.replace('_', ' ')} {item!r} is out of range {shown_bounds(meta['bounds'])}")
+            if meta.get("power_of_two") and not is_power_of_two(item):
+                raise BadInputError(f"{f.name.replace('_', ' ')} {item!r}: must be a power of two")
+
+
+def is_power_of_two(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0 and not value & (value - 1)
 
 
 def in_bounds(value, bounds) -> bool:
@@ -154,7 +162,7 @@ class QuantizeOptions:
 
     int4_method: str = option("rtn", "q4 MatMulNBits weights: round to nearest, or HQQ (error-fitted zero points).",
                               choices=INT4_METHODS)
-    block_size: int = option(32, "q4 / embedding block size (power of two, >= 16).", bounds=(16, 1 << 16))
+    block_size: int = option(32, "q4 / embedding block size (power of two, >= 16).", bounds=(16, 1 << 16), power_of_two=True)
     # 4: int8 compute, onnxruntime's fast CPU path (benchmarks/results/bench_3b-q4acc4_cpu.md); the demo's answers are unchanged.
     accuracy_level: int | None = option(4, "q4 MatMulNBits accuracy_level (4: int8 compute, fastest on CPU; 0: the input's type).",
                                         bounds=(0, 4))
@@ -164,8 +172,7 @@ class QuantizeOptions:
     optimize: bool = option(False, "Fuse norms and GELU (onnxruntime transformer fusions) before quantizing, parity-checked.")
 
     def __post_init__(self):
-        if self.block_size < 16 or self.block_size & (self.block_size - 1):
-            raise BadInputError(f"block size {self.block_size}: must be a power of two, 16 or more")
+        check(self)  # choices, bounds and powers of two, however the config is made
 
     def quantize_options(self) -> QuantizeOptions:
         """Only the how-to-quantize fields (what the manifest records under `quantize`)."""

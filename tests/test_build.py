@@ -204,6 +204,8 @@ def test_bench_stage_and_latency_gate(built, recipe, tmp_path):
     ({"stages": [{"stage": "onnx"}, {"stage": "quantize", "methods": ["q5"]}]}, "stages[1]: unknown methods 'q5'"),
     ({"stages": [{"stage": "onnx"}, {"stage": "quantize", "methods": ["q4"], "block_size": 24}]},
      "stages[1]: block size 24: must be a power of two"),
+    ({"stages": [{"stage": "onnx"}, {"stage": "quantize", "methods": ["q4"], "block_size": 8}]},
+     "stages[1]: block size 8 is out of range 16..65536"),
     ({"stages": [{"stage": "coreml", "compress": "int3"}]}, "stages[0]: unknown compress 'int3'"),
     ({"stages": [{"stage": "verify"}, {"stage": "onnx"}]}, "stages[0]: verify checks the finished build folder"),
     ({"stages": [{"stage": "onnx"}, {"stage": "onnx"}]}, "stages[1].name: 'onnx' is used twice"),
