@@ -123,7 +123,7 @@ def onnx_command(model, output, force, allow_pickle, as_json, **options):
     if manifest["parity"]:
         console.print(parity_table(manifest["parity"]))
     if manifest.get("seg_decoder"):
-        console.print(seg_parity_line(manifest["seg_decoder"]), highlight=False)
+        click.echo(seg_parity_line(manifest["seg_decoder"]))  # one line, never wrapped
     if manifest.get("sizes"):
         print_sizes(console, manifest["sizes"])
     total = sum(entry["bytes"] for entry in manifest["files"].values())
