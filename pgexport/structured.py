@@ -8,10 +8,11 @@ Syntax. An answer to `detect a ; b` is objects joined by `;`, each four location
 The tokens are y0 x0 y1 x1 (top, left, bottom, right), each a bin in 0..1023 of the model's square
 input. Read tolerantly, as Google's reference parser does: text before an object is skipped, spaces
 may sit between the tokens, up to 16 `<segNNN>` tokens may follow them (a `segment` answer's mask
-codes: the box keeps them as `codes` when there are exactly 16, each under 128), the label is the text up to the next `;` or `<` with spaces, tabs and newlines trimmed
-("" when missing). Not a box: fewer than four location tokens in a row, a number over 1023, or a box
-with no extent (y1 <= y0 or x1 <= x0, as big_vision's evaluator rejects). Five location tokens in a
-row are a box of the first four (and no label) followed by a lone token.
+codes: the box keeps them as `codes` when there are exactly 16, each under 128), the label is the
+text up to the next `;` or `<` with spaces, tabs and newlines trimmed ("" when missing). Not a box:
+fewer than four location tokens in a row, a number over 1023, or a box with no extent (y1 <= y0 or
+x1 <= x0, as big_vision's evaluator rejects). Five location tokens in a row are a box of the first
+four (and no label) followed by a lone token.
 
 Coordinates. A bin is bin / 1024 of the side, for the end bins too: Google's PaliGemma reference
 parser (big_vision's PaliGemma demo, `extract_objs`, which Roboflow's supervision and most ports

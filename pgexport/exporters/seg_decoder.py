@@ -20,7 +20,6 @@ The encoder's weights, also in vae-oid.npz, are not read.
 
 from __future__ import annotations
 
-import hashlib
 import zipfile
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from torch import nn
 
 from pgexport.contract import SEG_CODES, SEG_DECODER, SEG_MASK_SIZE
 from pgexport.errors import BadInputError
+from pgexport.manifest import sha256_file
 
 CODEBOOK = "_vq_vae._embedding"
 # nn.Sequential indices of the decoder's weighted layers: 1x1 conv, two residual blocks, four
@@ -122,15 +122,11 @@ def load_seg_decoder(path: str | Path) -> SegDecoder:
 
 
 def describe(path: str | Path, module: SegDecoder) -> dict:
-    """The manifest's record of a decoder: its file, sha256, codebook and widths."""
+    """The manifest's record of a decoder: its file's name and sha256, codebook size and dim, weights."""
     path = Path(path)
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
     return {
         "source": path.name,
-        "sha256": digest.hexdigest(),
+        "sha256": sha256_file(path),
         "codebook_size": module.codebook_size,
         "embedding_dim": int(module.codebook.shape[1]),
         "parameters": sum(p.numel() for p in module.parameters()),
@@ -186,7 +182,7 @@ def export_seg_decoder(module: SegDecoder, out_dir: str | Path, opset: int) -> P
     from pgexport.exporters.onnx import quiet_exporter
 
     path = Path(out_dir) / SEG_DECODER.filename()
-    example = (torch.from_numpy(probe_codes(module.codebook_size, rows=2)[:3]),)
+    example = (torch.from_numpy(probe_codes(module.codebook_size)[:3]),)  # batch 3: the exporter specialises 0 and 1
     with torch.no_grad(), quiet_exporter():
         program = torch.onnx.export(
             module, example, input_names=SEG_DECODER.input_names(), output_names=SEG_DECODER.output_names(),
