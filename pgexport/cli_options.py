@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from pgexport.config import is_power_of_two, option_fields, shown_bounds
+from pgexport.config import INPUT_OPTIONS, is_power_of_two, option_fields, shown_bounds
 
 
 class CommaList(click.ParamType):
@@ -79,7 +79,7 @@ def _click_option(f: dataclasses.Field, hint):
         kind = click.IntRange(*bounds)
     elif bounds and item is float:
         kind = click.FloatRange(*bounds)
-    elif item is str and f.name in ("calibration", "eval_file", "train", "seg_decoder"):
+    elif item is str and f.name in INPUT_OPTIONS:  # a path, or for `reference` a hub id: any string
         kind = click.Path(path_type=str)
     else:
         kind = item

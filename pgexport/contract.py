@@ -142,6 +142,7 @@ class PackageSpec:
     inputs: tuple[Tensor, ...]
     outputs: tuple[Tensor, ...]
     states: tuple[Tensor, ...] = ()
+    compressed: bool = True  # --compress applies to its weights (else fp16 whatever --compress)
 
     @property
     def filename(self) -> str:
@@ -186,5 +187,6 @@ COREML_SEG_DECODER = PackageSpec(
     inputs=(Tensor(CODES, (1, SEG_CODES), "int32", doc="[1, 16] int32: the numbers of the answer's 16 <segNNN> tokens, in order."),),
     outputs=(Tensor(MASK_LOGITS, (1, SEG_MASK_SIZE, SEG_MASK_SIZE), "float32",
                     doc="[1, 64, 64] mask logits over the box (rows top to bottom): resize to the box, > 0 is inside."),),
+    compressed=False,
 )
 PACKAGES = (COREML_VISION, COREML_DECODER)

@@ -149,10 +149,11 @@ def seg_decoder_fields(module, source, staging: Path, opset: int, validate: bool
 
 
 def _raise_if_seg_failed(manifest: dict) -> None:
+    from pgexport.exporters.seg_decoder import parity_failure
+
     parity = (manifest.get("seg_decoder") or {}).get("parity")
     if parity is not None and not parity["passed"]:
-        raise GateFailedError(f"seg decoder parity failed: max relative difference {parity['max_rel_diff']:.3g} "
-                              f"(bound {parity['bound_rel']}), mask IoU {parity['mask_iou_clear']:.6f} (needs 1.0)")
+        raise GateFailedError(parity_failure(parity))
 
 
 def _link_or_copy(source: Path, target: Path) -> None:

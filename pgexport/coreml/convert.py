@@ -400,8 +400,9 @@ def to_coreml(model: str | Path | None = None, output: str | Path = "out-coreml"
     failures = (parity["wrappers"] or {}).get("failures", []) + spec["problems"]
     seg_parity = (manifest.get("seg_decoder") or {}).get("wrapper_parity")
     if seg_parity is not None and not seg_parity["passed"]:
-        failures.append(f"seg decoder wrapper: max relative difference {seg_parity['max_rel_diff']:.3g}, "
-                        f"mask IoU {seg_parity['mask_iou_clear']:.6f}")
+        from pgexport.exporters.seg_decoder import parity_failure
+
+        failures.append(parity_failure(seg_parity))
     if failures:
         raise GateFailedError(f"Core ML export checks failed: {failures}")
     return manifest

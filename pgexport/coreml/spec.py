@@ -165,7 +165,7 @@ def check_spec(folder: Path, expected: dict) -> list[str]:
         if not spec.description.metadata.shortDescription or not spec.description.metadata.license:
             problems.append(f"{package}: description or license missing")
         compression_op = COMPRESSION_OPS.get(expected["compress"])
-        if compression_op and contract is not COREML_SEG_DECODER and not program_ops(spec)[compression_op]:  # fp16 always
+        if compression_op and contract.compressed and not program_ops(spec)[compression_op]:
             problems.append(f"{package}: --compress {expected['compress']} but no {compression_op} op")
         problems += check(spec, expected)
     return problems

@@ -126,7 +126,8 @@ def seg_runtime_parity(artifact: Path, manifest: dict) -> dict | None:
     from (the manifest's path, if that file is still there with the same sha256): macOS only."""
     import coremltools as ct
 
-    from pgexport.exporters.seg_decoder import compare_masks, describe, load_seg_decoder, probe_codes, reference_logits
+    from pgexport.exporters.seg_decoder import compare_masks, load_seg_decoder, probe_codes, reference_logits
+    from pgexport.manifest import sha256_file
 
     record = manifest.get("seg_decoder")
     if not record:
@@ -134,9 +135,9 @@ def seg_runtime_parity(artifact: Path, manifest: dict) -> dict | None:
     source = Path(record.get("path", ""))
     if not source.is_file():
         return {"skipped": f"the seg decoder's weights {source} are not there to compare with"}
-    module = load_seg_decoder(source)
-    if describe(source, module)["sha256"] != record["sha256"]:
+    if sha256_file(source) != record["sha256"]:
         return {"skipped": f"{source} has changed since the conversion (another sha256)"}
+    module = load_seg_decoder(source)
     package = ct.models.MLModel(str(artifact / COREML_SEG_DECODER.filename))
     codes = probe_codes(module.codebook_size)
     candidate = np.concatenate([np.asarray(package.predict({CODES: row[None].astype(np.int32)})[MASK_LOGITS]) for row in codes])

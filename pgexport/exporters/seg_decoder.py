@@ -175,6 +175,12 @@ def compare_masks(reference: np.ndarray, candidate: np.ndarray, bound: float = M
     return report
 
 
+def parity_failure(parity: dict) -> str:
+    """What a failed `compare_masks` report says, in one line."""
+    return (f"seg decoder parity failed ({parity['hop']}): max relative difference {parity['max_rel_diff']:.3g} "
+            f"(bound {parity['bound_rel']:g}), mask IoU {parity['mask_iou_clear']:.6f} where no rounding can flip it (needs 1.0)")
+
+
 def export_seg_decoder(module: SegDecoder, out_dir: str | Path, opset: int) -> Path:
     """onnx/seg_decoder.onnx: codes [batch_size, 16] int64 -> mask_logits [batch_size, 64, 64]."""
     import onnx
