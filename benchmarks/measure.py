@@ -1,7 +1,10 @@
 """Run a command, report its wall time and peak RSS (the largest of the process tree, via
 /proc sampling, plus the kernel's max RSS of waited-for children) as one JSON line.
 
-    python benchmarks/measure.py --label NAME --json results.jsonl -- COMMAND...
+    python benchmarks/measure.py --label NAME --json results.jsonl [--trace rss.tsv] -- COMMAND...
+
+--trace writes one "seconds<TAB>GB" line per sample (every 0.2 s), to see which phase of a
+command holds the peak.
 """
 
 from __future__ import annotations
@@ -37,15 +40,23 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--label", required=True)
     parser.add_argument("--json", type=Path, help="Append the result to this JSON-lines file.")
+    parser.add_argument("--trace", type=Path, help="Write the RSS of every sample to this TSV file.")
     parser.add_argument("command", nargs=argparse.REMAINDER)
     args = parser.parse_args()
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     started = time.perf_counter()
     process = subprocess.Popen(command)
     peak = 0
+    trace = open(args.trace, "w") if args.trace else None
     while process.poll() is None:
-        peak = max(peak, tree_rss(process.pid))
+        rss = tree_rss(process.pid)
+        peak = max(peak, rss)
+        if trace:
+            trace.write(f"{time.perf_counter() - started:.1f}\t{rss / 1e9:.2f}\n")
+            trace.flush()
         time.sleep(0.2)
+    if trace:
+        trace.close()
     seconds = time.perf_counter() - started
     kernel_peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
     result = {

@@ -7,6 +7,7 @@
     row_cosines(reference, candidate)      cosine of each row (last axis) of two arrays
     max_rel_diff(reference, candidate)     max |difference| over the reference's value range
     logit_stats(reference, candidate)      max_abs_diff, max_rel_diff and min_cosine of two logit arrays
+    LogitStats                             the same, accumulated over parts (a batch's rows)
 
 The parity gate (validate), the Core ML hops, the fp16 and optimization passes, distillation, the
 demo trainer and build all read their figures from here, so one figure means one computation
@@ -101,15 +102,40 @@ def max_rel_diff(reference: np.ndarray, candidate: np.ndarray) -> float:
     return float(np.abs(np.asarray(reference) - np.asarray(candidate)).max()) / span
 
 
+class LogitStats:
+    """`logit_stats` accumulated over parts of the arrays (`add` each, then `result`): the gate
+    compares a 3B prefill one row at a time, since one batch's logits are 0.8 GB per array
+    (3 x 268 positions x 257,216). Each part is read `rows_per_chunk` positions at a time too;
+    the whole-array temporaries (kept rows, differences, products) came to 5 GB more."""
+
+    def __init__(self, rows_per_chunk: int = 64):
+        self.rows_per_chunk = rows_per_chunk
+        self.stats = None  # [max |diff|, reference min, reference max, min cosine], in the arrays' dtype
+
+    def add(self, reference: np.ndarray, candidate: np.ndarray, keep: np.ndarray | None = None) -> None:
+        ref = reference.reshape(-1, reference.shape[-1])
+        cand = candidate.reshape(-1, candidate.shape[-1])
+        rows = np.arange(len(ref)) if keep is None else np.flatnonzero(keep.reshape(-1))
+        for start in range(0, len(rows), self.rows_per_chunk):
+            take = rows[start:start + self.rows_per_chunk]
+            r, c = ref[take], cand[take]
+            chunk = [np.abs(r - c).max(), r.min(), r.max(), row_cosines(r, c).min()]
+            # np.maximum / np.minimum keep a NaN, as the whole array's max would.
+            self.stats = chunk if self.stats is None else [
+                np.maximum(self.stats[0], chunk[0]), np.minimum(self.stats[1], chunk[1]),
+                np.maximum(self.stats[2], chunk[2]), np.minimum(self.stats[3], chunk[3])]
+
+    def result(self) -> dict:
+        max_abs, low, high, cosine = self.stats
+        span = float(high - low) or 1.0
+        return {"max_abs_diff": float(max_abs), "max_rel_diff": float(max_abs) / span, "min_cosine": float(cosine)}
+
+
 def logit_stats(reference: np.ndarray, candidate: np.ndarray, keep: np.ndarray | None = None) -> dict:
     """max |diff|, the same over the reference's logit range, and the minimum cosine over positions.
 
     Both arrays are [..., vocab]; `keep` (shaped like their leading axes, e.g. an attention mask)
     selects the positions compared, so padding does not count."""
-    ref = reference.reshape(-1, reference.shape[-1])
-    cand = candidate.reshape(-1, candidate.shape[-1])
-    if keep is not None:
-        ref, cand = ref[keep.reshape(-1).astype(bool)], cand[keep.reshape(-1).astype(bool)]
-    max_abs = float(np.abs(ref - cand).max())
-    span = float(ref.max() - ref.min()) or 1.0
-    return {"max_abs_diff": max_abs, "max_rel_diff": max_abs / span, "min_cosine": float(row_cosines(ref, cand).min())}
+    stats = LogitStats()
+    stats.add(reference, candidate, keep)
+    return stats.result()

@@ -279,8 +279,8 @@ def _tuning_metric(folder: Path, reference):
     from pgexport.validate import PARITY_NEW_TOKENS
 
     def evaluate(graph: str, candidate: Path) -> float:
-        runtime = OnnxPaliGemma(folder, dtype="fp32")
-        runtime.sessions[graph] = open_session(candidate)
+        runtime = OnnxPaliGemma(folder, dtype="fp32", low_memory=True)
+        runtime.sessions[graph] = open_session(candidate, low_memory=True)
         inputs = reference.inputs
         tokens, _ = runtime.generate_ids(**inputs, max_new_tokens=PARITY_NEW_TOKENS, stop_at_eos=False)
         _, forced = runtime.generate_ids(**inputs, stop_at_eos=False, forced_tokens=reference.tokens, keep_logits=True)

@@ -108,14 +108,24 @@ def open_image(path: str | Path) -> Image.Image:
         raise BadInputError(f"cannot read image {path}: {error}") from error
 
 
-def open_session(path: str | Path, threads: int | None = None, providers: list[str] | None = None) -> ort.InferenceSession:
+def open_session(path: str | Path, threads: int | None = None, providers: list[str] | None = None,
+                 low_memory: bool = False) -> ort.InferenceSession:
     """An onnxruntime session of one graph file (CPU unless `providers` say otherwise) that logs
     errors only: onnxruntime warns at every load that the decoder's `logits_to_keep` is an
-    initializer that is also an input, which is the point (exporters/onnx.py)."""
+    initializer that is also an input, which is the point (exporters/onnx.py).
+
+    `low_memory`: no prepacked weight copies (the weights stay mapped from their file, pages the
+    kernel can drop, and there is no 2 GB packing transient on the 3B decoder's LM head) and no
+    CPU arena (what a run frees goes back to the OS; the arena kept a 3B prefill's 1 GB of logits).
+    Measured on the 3B fp32 decoder, a 3 x 268-token prefill takes as long either way
+    (benchmarks/results/memory_3b.md); the parity gate and the quantizers' probes use it."""
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
     options.log_severity_level = 3
+    if low_memory:
+        options.enable_cpu_mem_arena = False
+        options.add_session_config_entry("session.disable_prepacking", "1")
     return ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
 
 
@@ -174,10 +184,13 @@ class OnnxPaliGemma:
     `prefill_rows` > 0 runs the prompt through the decoder that many rows at a time (the KV
     caches are joined along the batch): the same outputs, with the prefill's activations held for
     those rows only (a batch of 4 at 896 px is a 16k-token prefill). Decoding stays batched.
+
+    `low_memory` opens the sessions without prepacked weights or a CPU arena (see `open_session`).
     """
 
     def __init__(self, folder: str | Path, dtype: str | dict | None = None, providers: list[str] | None = None,
-                 threads: int = 0, prefill_rows: int = 0, check: bool = False, graph_format: str = "onnx"):
+                 threads: int = 0, prefill_rows: int = 0, check: bool = False, graph_format: str = "onnx",
+                 low_memory: bool = False):
         self.folder = Path(folder)
         if prefill_rows < 0:
             raise BadInputError(f"prefill_rows {prefill_rows}: give 0 (the whole batch) or a positive row count")
@@ -210,7 +223,7 @@ class OnnxPaliGemma:
         self.context = self.config.get("text_config", {}).get("max_position_embeddings", GEMMA_CONTEXT)
         self.eos_token_id = self.processor.eos_token_id
         self.pad_token_id = self.processor.pad_token_id
-        self.sessions = {graph: open_session(path, threads, providers) for graph, path in paths.items()}
+        self.sessions = {graph: open_session(path, threads, providers, low_memory) for graph, path in paths.items()}
         decoder = self.sessions[DECODER.name]
         self.past_inputs = [i for i in decoder.get_inputs() if i.name.startswith(f"{PAST}.")]
         self.float_type = _ORT_FLOAT[decoder.get_inputs()[0].type]  # the decoder's: embeddings and KV cache

@@ -132,6 +132,6 @@ class PrefillFeeds(OnnxPaliGemma):
         if with_graphs:
             for graph in (VISION.name, EMBED.name):
                 path = str(graph_path(folder, graph, "fp32"))
-                self.sessions[graph] = open_session(path)
+                self.sessions[graph] = open_session(path, low_memory=True)
             decoder = onnx.load(str(graph_path(folder, DECODER.name, "fp32")), load_external_data=False)
             self.past_inputs = [_Input(i) for i in decoder.graph.input if i.name.startswith(PAST + ".")]

@@ -13,18 +13,24 @@ stay in float32 is measured here rather than listed by op type:
    (it inserts the casts at the island borders), fp16 inputs and outputs;
 4. verify: the fp16 graph on the same inputs, every output finite and close (cosine) to fp32.
 
+The conversion is streamed: the converter runs on the graph's structure alone (shapes inferred
+on the file, `infer_shapes_path`), where it retypes each external float initializer it converts
+without touching its data, and `write_fp16` then writes each weight's bytes through
+pgexport.graphio, converted with the converter's own `convert_np_to_float16` (the same clamping)
+a chunk at a time. A 3B decoder's conversion holds one 16 MB chunk, not the 10 GB fp32 model and
+its 5 GB fp16 copy (21.3 GB peak before, benchmarks/results/memory_3b.md).
+
 Graphs whose weights live in a .data file (over 1 GiB; the 3B decoder's 10 GB is over protobuf's
 2 GB): the probe is the graph's structure alone, saved beside hard links to its data file, run on
 one sample row with the node outputs exposed a quarter at a time (all at once, a 3-row probe of
-the 3B decoder ran 24 GB out); shapes are inferred on the file (`infer_shapes_path`); the
-converter works on the loaded weights in place and saves them as external data; the fp32 and
-fp16 sessions of the check run one after the other.
+the 3B decoder ran 24 GB out); the fp16 graph keeps its weights in a .data file too; the fp32
+and fp16 sessions of the check run one after the other.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -33,7 +39,9 @@ import numpy as np
 import onnx
 
 from pgexport.contract import DECODER, EMBED, VISION, graph_path
-from pgexport.graphio.read import graph_bytes, link_data_files
+from pgexport.graphio.read import (Source, copy_message, external_files, graph_bytes, is_external, link_data_files,
+                                   load_structure, nbytes)
+from pgexport.graphio.write import write_graph
 from pgexport.metrics import row_cosines
 from pgexport.quantize.rewrite import load_float_graph
 
@@ -85,7 +93,7 @@ def activation_ranges(src: Path, feeds: list[dict], groups: int = 1) -> dict[str
             probe.graph.output.extend(onnx.ValueInfoProto(name=name) for name in candidates[start:start + size])
             onnx.save(probe, str(path))
             del probe
-            session = open_session(path)
+            session = open_session(path, low_memory=True)
             names = [o.name for o in session.get_outputs()]
             for feed in feeds:
                 for name, value in zip(names, session.run(names, feed)):
@@ -122,17 +130,61 @@ def islands(stats: dict[str, dict]) -> dict[str, str]:
     return keep
 
 
-def _load_inferred(src: Path, scratch: Path) -> onnx.ModelProto:
-    """`src` with inferred shapes and its weights loaded; shape inference runs on the file, so
-    graphs over protobuf's 2 GB work too, and nothing is written beside `src`."""
-    from onnx.external_data_helper import load_external_data_for_model
-
+def _inferred_structure(src: Path, scratch: Path) -> onnx.ModelProto:
+    """`src` with inferred shapes, its weights left where they are; shape inference runs on the
+    file, so graphs over protobuf's 2 GB work too, and nothing is written beside `src`."""
     inferred = scratch / "inferred.onnx"
     onnx.shape_inference.infer_shapes_path(str(src), str(inferred))
-    model = onnx.load(str(inferred), load_external_data=False)
+    model = load_structure(inferred)
     inferred.unlink()
-    load_external_data_for_model(model, str(src.parent))
     return model
+
+
+@contextlib.contextmanager
+def _value_info_from_dims():
+    """The converter's `make_value_info_from_tensor` reads each converted initializer's whole array
+    (numpy_helper.to_array) only for its shape: here the shape comes from the tensor's dims, which
+    is the same value info without reading (or finding) the external data."""
+    from onnx import helper
+    from onnxruntime.transformers import float16
+
+    original = float16.make_value_info_from_tensor
+    float16.make_value_info_from_tensor = lambda t: helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+    try:
+        yield
+    finally:
+        float16.make_value_info_from_tensor = original
+
+
+def write_fp16(src: Path, dst: Path, keep: dict[str, str]) -> int:
+    """Convert graph `src` to fp16 at `dst`, the nodes in `keep` blocked (left in float32);
+    streamed (see the module docstring). Returns the node count."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16, convert_np_to_float16
+
+    with tempfile.TemporaryDirectory(dir=dst.parent) as scratch:
+        model = _inferred_structure(src, Path(scratch))
+    external_floats = {t.name: copy_message(t) for t in model.graph.initializer
+                       if is_external(t) and t.data_type == onnx.TensorProto.FLOAT}
+    with _value_info_from_dims():
+        converted = convert_float_to_float16(model, keep_io_types=False, node_block_list=sorted(keep),
+                                             disable_shape_infer=True)
+    source = Source(src.parent)
+    source.check_all(converted, src)
+
+    def producer(original: onnx.TensorProto):
+        def produce(tensor: onnx.TensorProto, sink) -> None:
+            parts = (convert_np_to_float16(np.frombuffer(chunk, dtype=np.float32)) for chunk in source.chunks(original))
+            sink.put(tensor, parts, nbytes(original) // 2)
+        return produce
+
+    retyped = {t.name: producer(external_floats[t.name]) for t in converted.graph.initializer
+               if t.name in external_floats and t.data_type == onnx.TensorProto.FLOAT16}
+    try:
+        # Weights beside the graph as the export wrote them: a .data file when the source has one.
+        write_graph(converted, source, dst, retyped, external_data=bool(external_files(converted)))
+    finally:
+        source.close()
+    return len(converted.graph.node)
 
 
 def graph_outputs(path: Path, feeds: list[dict]) -> list[dict[str, np.ndarray]]:
@@ -141,7 +193,7 @@ def graph_outputs(path: Path, feeds: list[dict]) -> list[dict[str, np.ndarray]]:
     the optimization pass's parity run both graphs of a comparison through it."""
     from pgexport.runtime import open_session
 
-    session = open_session(path)
+    session = open_session(path, low_memory=True)
     wanted = {i.name: i.type for i in session.get_inputs()}
     results = []
     for feed in feeds:
@@ -155,8 +207,6 @@ def graph_outputs(path: Path, feeds: list[dict]) -> list[dict[str, np.ndarray]]:
 
 def convert_fp16(folder: Path, graph: str, src: Path, dst: Path, *, progress: bool = True) -> dict:
     """fp32 graph `src` of artifact `folder` -> fp16 graph `dst` with measured fp32 islands."""
-    from onnxruntime.transformers.float16 import convert_float_to_float16
-
     from pgexport.exporters.onnx import EXTERNAL_DATA_THRESHOLD
 
     started = time.perf_counter()
@@ -171,23 +221,7 @@ def convert_fp16(folder: Path, graph: str, src: Path, dst: Path, *, progress: bo
     stats = activation_ranges(src, feeds, groups)
     keep = islands(stats)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=dst.parent) as scratch:
-        model = _load_inferred(src, Path(scratch))
-        nodes = len(model.graph.node)
-        converted = convert_float_to_float16(model, keep_io_types=False, node_block_list=sorted(keep),
-                                             disable_shape_infer=True)
-        del model
-        # Saved in the scratch folder, then renamed over dst (data first): never written in place.
-        staged = Path(scratch) / dst.name
-        if large:  # weights beside the graph, as the export writes them
-            onnx.save(converted, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
-                      location=dst.name + ".data", size_threshold=1024)
-            os.replace(staged.with_name(dst.name + ".data"), dst.with_name(dst.name + ".data"))
-        else:
-            onnx.save(converted, str(staged))
-        os.replace(staged, dst)
-        del converted
-    gc.collect()
+    nodes = write_fp16(src, dst, keep)
 
     check = {}
     for want, got in zip(graph_outputs(src, feeds), graph_outputs(dst, feeds)):
