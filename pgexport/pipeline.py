@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import shutil
 import time
@@ -116,7 +117,8 @@ def export_onnx(model: str | Path | None = None, output: str | Path = "out", con
             reference = reference_outputs(
                 checkpoint.model, checkpoint.processor, eval_rows=eval_rows_for(checkpoint, config.eval_file)
             )
-        del checkpoint  # frees the PyTorch weights before the ONNX sessions load
+        del checkpoint  # frees the PyTorch weights before the ONNX sessions load (gc: cycles the exporter left)
+        gc.collect()
         if variants:
             advance(f"quantizing ({', '.join(variants)})")
             fields["quantization"] = quantize_variants(staging, variants, config, progress=False)
@@ -212,6 +214,7 @@ def quantize_artifact(artifact: str | Path, output: str | Path, config: Quantize
                 checkpoint.model, checkpoint.processor, eval_rows=eval_rows_for(checkpoint, config.eval_file)
             )
             del checkpoint
+            gc.collect()
             evaluate = _tuning_metric(staging, reference_run)
         advance(f"quantizing ({', '.join(variants)})")
         made = quantize_variants(staging, variants, config, progress=progress, evaluate=evaluate)

@@ -11,6 +11,7 @@ and, given held-out rows, the exact-match change. All failures are collected bef
 from __future__ import annotations
 
 import contextlib
+import gc
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -209,9 +210,11 @@ def gate_failures(report: dict, limits: Thresholds) -> list[str]:
     return failures
 
 
-def validate(artifact: str | Path, reference: Reference, dtypes: list[str]) -> dict:
-    """Run the gate for each precision; returns {"hops": {dtype: report}, "passed": bool}."""
-    hops = {dtype: check_hop(OnnxPaliGemma(artifact, dtype=dtype, low_memory=True), reference, THRESHOLDS[dtype])
+def validate(artifact: str | Path, reference: Reference, dtypes: list[str], thresholds: dict | None = None) -> dict:
+    """Run the gate for each precision (`thresholds`: dtype -> Thresholds, default THRESHOLDS);
+    returns {"hops": {dtype: report}, "passed": bool}."""
+    thresholds = thresholds or THRESHOLDS
+    hops = {dtype: check_hop(OnnxPaliGemma(artifact, dtype=dtype, low_memory=True), reference, thresholds[dtype])
             for dtype in dtypes}
     return {"hops": hops, "passed": all(hop["passed"] for hop in hops.values())}
 
@@ -230,4 +233,5 @@ def validate_artifact(artifact: str | Path, config: ValidateConfig | None = None
     checkpoint = load_checkpoint(config.reference or manifest["source"]["checkpoint"], allow_pickle=allow_pickle)
     outputs = reference_outputs(checkpoint.model, checkpoint.processor, eval_rows=eval_rows_for(checkpoint, config.eval_file))
     del checkpoint
+    gc.collect()
     return validate(artifact, outputs, manifest.get("dtypes", ["fp32"]))

@@ -5,6 +5,7 @@ validate, bench) with the stage's config, so a recipe stage behaves as the comma
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 from pathlib import Path
 
@@ -110,8 +111,7 @@ def run_validate(recipe: Recipe, stage: Stage, folder: Path, out: Path, progress
     """Parity of every artifact and dtype against its checkpoint -> parity.json (+ manifest.json).
     Each reference checkpoint runs once, freed before the ONNX sessions load."""
     from pgexport.load import load_checkpoint
-    from pgexport.runtime import OnnxPaliGemma
-    from pgexport.validate import check_hop, eval_rows_for, reference_outputs
+    from pgexport.validate import eval_rows_for, reference_outputs, validate
 
     thresholds, report, by_reference = thresholds_for(recipe), {}, {}
     for name in artifacts_of(recipe, stage):
@@ -127,10 +127,9 @@ def run_validate(recipe: Recipe, stage: Stage, folder: Path, out: Path, progress
         outputs = reference_outputs(checkpoint.model, checkpoint.processor,
                                     eval_rows=eval_rows_for(checkpoint, stage.config.eval_file))
         del checkpoint
+        gc.collect()
         for name in names:
-            hops = {dtype: check_hop(OnnxPaliGemma(out / name, dtype=dtype), outputs, thresholds[dtype])
-                    for dtype in read_manifest(out / name)["dtypes"]}
-            report[name] = {"hops": hops, "passed": all(hop["passed"] for hop in hops.values())}
+            report[name] = validate(out / name, outputs, read_manifest(out / name)["dtypes"], thresholds)
     with staging_folder(folder, force=True) as staging:
         (staging / "parity.json").write_text(json.dumps(report, indent=2) + "\n")
         write_manifest(staging, format="pgexport-parity/1", artifacts=list(report),

@@ -1,0 +1,38 @@
+"""Render benchmarks/results/memory_3b.jsonl (benchmarks/memory_3b.sh's measure.py lines) as the
+markdown table of benchmarks/results/memory_3b.md: the latest run of each stage, in run order.
+
+    python benchmarks/memory_3b_table.py [--jsonl FILE] [--budget-gb 14]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results" / "memory_3b.jsonl"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--jsonl", type=Path, default=RESULTS)
+    parser.add_argument("--budget-gb", type=float, default=14.0)
+    args = parser.parse_args()
+    latest: dict[str, dict] = {}
+    for line in args.jsonl.read_text().splitlines():
+        if line.strip():
+            entry = json.loads(line)
+            stage = entry["label"].split(":", 1)[0]
+            latest.pop(stage, None)  # re-inserted: the table keeps the order of the latest runs
+            latest[stage] = entry
+    print(f"| stage | what runs | peak RSS | within {args.budget_gb:g} GB | wall | exit | date |")
+    print("|---|---|---|---|---|---|---|")
+    for stage, entry in latest.items():
+        what = entry["label"].split(":", 1)[1].strip()
+        fits = "yes" if entry["peak_rss_gb"] <= args.budget_gb else "**no**"
+        print(f"| {stage} | {what} | {entry['peak_rss_gb']:.2f} GB | {fits} | {entry['seconds']:.0f} s "
+              f"| {entry['exit_code']} | {entry['date']} |")
+
+
+if __name__ == "__main__":
+    main()
