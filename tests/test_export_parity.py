@@ -92,3 +92,21 @@ def test_logits_to_keep(artifact_factory, preset):
         last = decoder.run(["logits"], {**feed, "logits_to_keep": np.array(keep, dtype=np.int64)})[0]
         assert last.shape[1] == keep
         np.testing.assert_array_equal(last, full[:, -keep:])
+
+
+def test_export_releases_the_model_tensors(tmp_path):
+    """Once the graphs are saved nothing of the exporter holds the model's parameters, so `del` frees
+    them before the parity gate's sessions load (at 3B, onnxscript's rewrite rules kept the last
+    graph they matched, and with it 6 GB of weights: pgexport.exporters.onnx._forget_matched_graphs)."""
+    import gc
+    import weakref
+
+    from pgexport.exporters.onnx import export_graphs
+    from pgexport.load import load_checkpoint
+
+    model = load_checkpoint().model
+    parameters = [weakref.ref(p) for p in model.parameters()]
+    export_graphs(model, tmp_path)
+    del model
+    gc.collect()
+    assert len(parameters) > 50 and sum(p() is not None for p in parameters) == 0

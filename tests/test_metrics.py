@@ -13,6 +13,7 @@ from pgexport.metrics import (
     answer_rows,
     exact_match,
     held_out_score,
+    LogitStats,
     logit_stats,
     max_rel_diff,
     row_cosines,
@@ -104,6 +105,28 @@ def test_logit_stats_with_and_without_a_keep_mask():
     assert kept["max_abs_diff"] == 2.0 and kept["max_rel_diff"] == 0.5
     assert kept["min_cosine"] == pytest.approx(25 / (5 * math.sqrt(29)))
     assert logit_stats(reference, reference, keep) == {"max_abs_diff": 0.0, "max_rel_diff": 0.0, "min_cosine": pytest.approx(1.0)}
+
+
+def test_logit_stats_in_parts_equal_the_whole_arrays():
+    """The gate adds a 3B prefill one row at a time, each read 64 positions at a time: the figures
+    are those of the whole arrays, bit for bit (max, min and per-row cosines do not depend on the
+    split), the span over the whole reference included; a NaN anywhere stays NaN."""
+    rng = np.random.default_rng(0)
+    reference = rng.normal(size=(3, 150, 40)).astype(np.float32)
+    candidate = reference + rng.normal(size=reference.shape).astype(np.float32) * 1e-3
+    keep = (rng.random((3, 150)) > 0.2).astype(np.int64)
+    whole = logit_stats(reference, candidate, keep)
+    for rows_per_chunk in (1, 7, 64, 1000):
+        parts = LogitStats(rows_per_chunk)
+        for row in range(3):
+            parts.add(reference[row], candidate[row], keep[row])
+        assert parts.result() == whole
+    broken = candidate.copy()
+    broken[2, 149, 0] = np.nan
+    parts = LogitStats(7)
+    for row in range(3):
+        parts.add(reference[row], broken[row])
+    assert all(math.isnan(value) for value in parts.result().values())
 
 
 def test_a_nan_figure_fails_the_gate():

@@ -297,6 +297,13 @@ def test_fp16_of_a_graph_with_external_data(demo, tmp_path, monkeypatch):
     assert report["islands"] == inline["islands"] and report["islands"]
     assert report["check"]["all_finite"] and report["check"]["min_cosine"] > 0.9999
     assert report["bytes_after"] == pytest.approx(inline["bytes_after"], rel=0.02)  # fp16 either way
+    # The external weights, converted a chunk at a time while streamed, equal the converter's own
+    # whole-tensor conversion of the inline graph, bit for bit.
+    weights = [{t.name: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
+               for path in (tmp_path / "inline" / "decoder_fp16.onnx", dst)]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(weights[0][k].dtype == weights[1][k].dtype and np.array_equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert sum(w.dtype == np.float16 for w in weights[1].values()) > 10
     assert report["bytes_after"] < 0.55 * report["bytes_before"]
     fused = optimize_graph(folder, "decoder_model_merged", src, tmp_path / "opt" / "decoder_opt.onnx")
     assert sorted(p.name for p in (tmp_path / "opt").iterdir()) == ["decoder_opt.onnx", "decoder_opt.onnx.data"]

@@ -170,6 +170,21 @@ def _add_logits_to_keep(model: onnx.ModelProto) -> None:
         model.graph.node.insert(position + offset, new)
 
 
+def _forget_matched_graphs() -> None:
+    """Release the model's tensors once a graph is saved. onnxscript's rewrite rules are module
+    objects whose matchers keep the last graph they matched (SimplePatternMatcher's `_graph`,
+    `_match`, `_current_node`, `_tracer`, onnxscript 0.7.2; each match sets them anew), and that
+    graph keeps its former inputs, the model's parameters: at 3B, 6 GB of PyTorch weights held
+    into the parity gate (benchmarks/results/memory_3b.md). tests/test_export_parity.py checks
+    that an exported model's parameters are freed."""
+    from onnxscript.rewriter._matcher import SimplePatternMatcher
+
+    gc.collect()  # the exported program's own reference cycles
+    for matcher in (o for o in gc.get_objects() if isinstance(o, SimplePatternMatcher)):
+        matcher._graph = matcher._match = matcher._current_node = matcher._tracer = None
+    gc.collect()
+
+
 def export_graph(model, spec: GraphExport, out_dir: Path, opset: int = DEFAULT_OPSET) -> Path:
     """Export one graph of `model` into `out_dir` and return its path."""
     check_opset(opset)
@@ -190,7 +205,7 @@ def export_graph(model, spec: GraphExport, out_dir: Path, opset: int = DEFAULT_O
         )
         program.save(str(path), external_data=external)
     del program
-    gc.collect()  # the exported program's reference cycles hold the model's tensors (at 3B: 6 GB into the gate)
+    _forget_matched_graphs()
     proto = onnx.load(str(path), load_external_data=False)
     _name_axes(proto, spec)
     if any(t.name == LOGITS_TO_KEEP for t in spec.contract.optional_inputs):
