@@ -36,6 +36,17 @@ def tree_rss(pid: int) -> int:
     return total
 
 
+def _commit() -> str | None:
+    """The checkout's commit (with "+" when it has changes), so a figure names the code it measured."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head.stdout.strip() + ("+" if dirty.stdout.strip() else "")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--label", required=True)
@@ -67,6 +78,7 @@ def main() -> int:
         "peak_rss_gb": round(max(peak, kernel_peak) / 1e9, 2),
         "cpu": os.cpu_count(),
         "date": time.strftime("%Y-%m-%d"),
+        "commit": _commit(),
     }
     line = json.dumps(result)
     print(line, file=sys.stderr)

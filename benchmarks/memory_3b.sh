@@ -64,3 +64,4 @@ for name in $STAGES; do
   echo "$(date +%T) $name" >&2
   stage "$name"
 done
+$PY benchmarks/memory_3b_table.py --update benchmarks/results/memory_3b.md
