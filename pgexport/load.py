@@ -258,9 +258,8 @@ def load_config(model: str | Path | None = None, *, allow_pickle: bool = False):
     return _read_config(source, locate(source), allow_pickle)
 
 
-def load_checkpoint(model: str | Path | None = None, *, allow_pickle: bool = False,
-                    dtype: torch.dtype = torch.float32) -> Checkpoint:
-    """Load a PaliGemma 1 or 2 checkpoint in fp32 (or `dtype`) on CPU, with its processor.
+def load_checkpoint(model: str | Path | None = None, *, allow_pickle: bool = False) -> Checkpoint:
+    """Load a PaliGemma 1 or 2 checkpoint in fp32 on CPU, with its processor.
 
     `model` is a local folder or a hub id, `owner/name` (resolved by transformers' from_pretrained,
     from the hub cache when the hub is offline or unreachable; this project's machines cannot reach
@@ -281,7 +280,7 @@ def load_checkpoint(model: str | Path | None = None, *, allow_pickle: bool = Fal
     try:
         loaded, info = PaliGemmaForConditionalGeneration.from_pretrained(
             source,
-            dtype=dtype,
+            dtype=torch.float32,
             trust_remote_code=False,
             local_files_only=local_files_only,
             use_safetensors=None if allow_pickle else True,
