@@ -55,6 +55,7 @@ def main() -> int:
     parser.add_argument("command", nargs=argparse.REMAINDER)
     args = parser.parse_args()
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    commit = _commit()  # before the command: the code it runs
     started = time.perf_counter()
     process = subprocess.Popen(command)
     peak = 0
@@ -78,7 +79,7 @@ def main() -> int:
         "peak_rss_gb": round(max(peak, kernel_peak) / 1e9, 2),
         "cpu": os.cpu_count(),
         "date": time.strftime("%Y-%m-%d"),
-        "commit": _commit(),
+        "commit": commit,
     }
     line = json.dumps(result)
     print(line, file=sys.stderr)
