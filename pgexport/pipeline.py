@@ -117,7 +117,7 @@ def export_onnx(model: str | Path | None = None, output: str | Path = "out", con
             reference = reference_outputs(
                 checkpoint.model, checkpoint.processor, eval_rows=eval_rows_for(checkpoint, config.eval_file)
             )
-        del checkpoint  # frees the PyTorch weights before the ONNX sessions load (gc: cycles the exporter left)
+        del checkpoint  # frees the PyTorch weights before the ONNX sessions load (gc: the cycles the reference run left)
         gc.collect()
         if variants:
             advance(f"quantizing ({', '.join(variants)})")

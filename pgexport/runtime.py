@@ -7,6 +7,7 @@ import json
 import logging
 import warnings
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Callable
 
@@ -108,6 +109,18 @@ def open_image(path: str | Path) -> Image.Image:
         raise BadInputError(f"cannot read image {path}: {error}") from error
 
 
+def session_options(threads: int | None = None, low_memory: bool = False) -> ort.SessionOptions:
+    """open_session's options (see there): errors-only logging, `threads`, `low_memory`."""
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    if low_memory:
+        options.enable_cpu_mem_arena = False
+        options.add_session_config_entry("session.disable_prepacking", "1")
+    return options
+
+
 def open_session(path: str | Path, threads: int | None = None, providers: list[str] | None = None,
                  low_memory: bool = False) -> ort.InferenceSession:
     """An onnxruntime session of one graph file (CPU unless `providers` say otherwise) that logs
@@ -119,14 +132,29 @@ def open_session(path: str | Path, threads: int | None = None, providers: list[s
     CPU arena (what a run frees goes back to the OS; the arena kept a 3B prefill's 1 GB of logits).
     Measured on the 3B fp32 decoder, a 3 x 268-token prefill takes as long either way
     (benchmarks/results/memory_3b.md); the parity gate and the quantizers' probes use it."""
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-    options.log_severity_level = 3
-    if low_memory:
-        options.enable_cpu_mem_arena = False
-        options.add_session_config_entry("session.disable_prepacking", "1")
-    return ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), session_options(threads, low_memory),
+                                providers=providers or ["CPUExecutionProvider"])
+
+
+class Sessions(dict):
+    """graph name -> onnxruntime session, for the graph files in `paths`: each opened on first use
+    (or all at once, `eager`), and closed again by `release`."""
+
+    def __init__(self, paths: dict[str, Path], open_one: Callable[[Path], ort.InferenceSession], eager: bool = True):
+        super().__init__()
+        self.paths, self._open = paths, open_one
+        for graph in paths if eager else ():
+            self[graph] = open_one(paths[graph])
+
+    def __missing__(self, graph: str) -> ort.InferenceSession:
+        if graph not in self.paths:
+            raise KeyError(graph)
+        session = self[graph] = self._open(self.paths[graph])
+        return session
+
+    def release(self, graph: str) -> None:
+        """Close a graph's session (its memory goes back now); the next use opens it again."""
+        self.pop(graph, None)
 
 
 def left_pad_positions(attention_mask: np.ndarray) -> np.ndarray:
@@ -185,7 +213,12 @@ class OnnxPaliGemma:
     caches are joined along the batch): the same outputs, with the prefill's activations held for
     those rows only (a batch of 4 at 896 px is a 16k-token prefill). Decoding stays batched.
 
-    `low_memory` opens the sessions without prepacked weights or a CPU arena (see `open_session`).
+    `low_memory` opens the sessions without prepacked weights or a CPU arena (see `open_session`),
+    each on first use, and closes the vision encoder's after every run: its weights and the
+    decoder's are then never loaded together when the caller computes the prompt's embeddings
+    first (`prefill_embeds`) and passes them to `generate_ids`, as the parity gate does. On CPU
+    ONNX Runtime holds fp16 weights at fp32 size, so a 3B fp16 artifact's three sessions take
+    13.8 GB (benchmarks/results/memory_3b.md).
     """
 
     def __init__(self, folder: str | Path, dtype: str | dict | None = None, providers: list[str] | None = None,
@@ -223,11 +256,22 @@ class OnnxPaliGemma:
         self.context = self.config.get("text_config", {}).get("max_position_embeddings", GEMMA_CONTEXT)
         self.eos_token_id = self.processor.eos_token_id
         self.pad_token_id = self.processor.pad_token_id
-        self.sessions = {graph: open_session(path, threads, providers, low_memory) for graph, path in paths.items()}
-        decoder = self.sessions[DECODER.name]
-        self.past_inputs = [i for i in decoder.get_inputs() if i.name.startswith(f"{PAST}.")]
-        self.float_type = _ORT_FLOAT[decoder.get_inputs()[0].type]  # the decoder's: embeddings and KV cache
-        self.pixel_type = _ORT_FLOAT[self.sessions[VISION.name].get_inputs()[0].type]
+        self.low_memory = low_memory
+        self.sessions = Sessions(paths, lambda path: open_session(path, threads, providers, low_memory),
+                                 eager=not low_memory)
+
+    @cached_property
+    def past_inputs(self) -> list:
+        return [i for i in self.sessions[DECODER.name].get_inputs() if i.name.startswith(f"{PAST}.")]
+
+    @cached_property
+    def float_type(self) -> type:
+        """The decoder's float type: its embeddings and KV cache."""
+        return _ORT_FLOAT[self.sessions[DECODER.name].get_inputs()[0].type]
+
+    @cached_property
+    def pixel_type(self) -> type:
+        return _ORT_FLOAT[self.sessions[VISION.name].get_inputs()[0].type]
 
     def _read_manifest(self, dtype: str | dict | None) -> dict:
         """manifest.json, or {} for a folder of fp32 graphs without one (only `dtype` fp32 then)."""
@@ -272,7 +316,7 @@ class OnnxPaliGemma:
 
     @property
     def has_seg_decoder(self) -> bool:
-        return SEG_DECODER.name in self.sessions
+        return SEG_DECODER.name in self.sessions.paths
 
     def masks(self, boxes: list[Box], width: int, height: int) -> list[Mask]:
         """The masks of the boxes that carry 16 codes, in the original `width` x `height` image
@@ -295,6 +339,8 @@ class OnnxPaliGemma:
         if on_step:
             on_step(STEP_START)
         features = self.sessions[VISION.name].run(None, {PIXEL_VALUES: pixel_values.astype(self.pixel_type)})[0]
+        if self.low_memory:
+            self.sessions.release(VISION.name)
         if on_step:
             on_step(STEP_VISION)
         slots = input_ids == self.image_token_id
@@ -305,16 +351,22 @@ class OnnxPaliGemma:
         return embeds
 
     def prefill_feed(self, input_ids: np.ndarray, attention_mask: np.ndarray, pixel_values: np.ndarray,
-                     on_step: StepHook | None = None) -> dict:
+                     on_step: StepHook | None = None, embeds: np.ndarray | None = None) -> dict:
         """The decoder's inputs for the prompt: embeddings with image features, mask, 1-based
-        positions and an empty past."""
+        positions and an empty past. `embeds`: the prompt's `prefill_embeds`, computed already
+        (the vision encoder then does not run)."""
+        if embeds is None:
+            embeds = self.prefill_embeds(input_ids, pixel_values, on_step)
+        elif on_step:
+            on_step(STEP_START)
+            on_step(STEP_VISION)
         mask = attention_mask.astype(np.int64)
         past = {
             i.name: np.zeros((input_ids.shape[0], i.shape[1], 0, i.shape[3]), dtype=self.float_type)
             for i in self.past_inputs
         }
-        embeds = self.prefill_embeds(input_ids, pixel_values, on_step).astype(self.float_type)
-        return {INPUTS_EMBEDS: embeds, ATTENTION_MASK: mask, POSITION_IDS: left_pad_positions(mask), **past}
+        return {INPUTS_EMBEDS: embeds.astype(self.float_type), ATTENTION_MASK: mask,
+                POSITION_IDS: left_pad_positions(mask), **past}
 
     def run_prefill(self, feed: dict) -> list[np.ndarray]:
         """The decoder on a prompt feed (empty past), `prefill_rows` rows per call."""
@@ -351,6 +403,7 @@ class OnnxPaliGemma:
         forced_tokens: np.ndarray | None = None,
         keep_logits: bool = False,
         on_step: StepHook | None = None,
+        embeds: np.ndarray | None = None,
     ) -> tuple[np.ndarray, list[np.ndarray]]:
         """Greedy decoding. Returns new tokens [batch, steps] (pad after a row's eos) and, when
         `keep_logits`, the last-position logits of every step. `forced_tokens` [batch, steps] feeds
@@ -362,12 +415,14 @@ class OnnxPaliGemma:
 
         A prompt that fills the model's context (`self.context` positions) is refused before
         anything runs; `max_new_tokens` is capped to the positions the prompt leaves, with a
-        logged warning."""
+        logged warning.
+
+        `embeds`: the prompt's `prefill_embeds`, computed already (see `prefill_feed`)."""
         if forced_tokens is None:
             max_new_tokens = self.new_token_budget(input_ids.shape[1], max_new_tokens)
         batch = input_ids.shape[0]
         decoder = self.sessions[DECODER.name]
-        feed = self.prefill_feed(input_ids, attention_mask, pixel_values, on_step)
+        feed = self.prefill_feed(input_ids, attention_mask, pixel_values, on_step, embeds)
         if any(i.name == LOGITS_TO_KEEP for i in decoder.get_overridable_initializers()):
             feed[LOGITS_TO_KEEP] = np.array(1, dtype=np.int64)  # the LM head on the last prompt position only
         mask = feed[ATTENTION_MASK]

@@ -141,12 +141,13 @@ def reference_outputs(model, processor, samples=None, eval_rows=None) -> Referen
     return reference
 
 
-def prefill_stats(runtime: OnnxPaliGemma, reference: Reference) -> dict:
+def prefill_stats(runtime: OnnxPaliGemma, reference: Reference, embeds: np.ndarray | None = None) -> dict:
     """logit_stats of the artifact's prefill logits (every prompt position) against the reference's,
     the decoder run one row at a time: a 3B batch's logits are 0.8 GB, which a 16 GB runner cannot
-    hold beside the reference's and the fp32 graphs (benchmarks/results/memory_3b.md)."""
+    hold beside the reference's and the fp32 graphs (benchmarks/results/memory_3b.md).
+    `embeds`: the prompt's embeddings from `runtime.prefill_embeds`, when computed already."""
     inputs = reference.inputs
-    feed = runtime.prefill_feed(inputs[INPUT_IDS], inputs[ATTENTION_MASK], inputs[PIXEL_VALUES])
+    feed = runtime.prefill_feed(inputs[INPUT_IDS], inputs[ATTENTION_MASK], inputs[PIXEL_VALUES], embeds=embeds)
     stats = LogitStats()
     for row in range(inputs[INPUT_IDS].shape[0]):
         logits = runtime.sessions[DECODER.name].run([LOGITS], {k: v[row:row + 1] if v.ndim else v for k, v in feed.items()})[0]
@@ -156,11 +157,16 @@ def prefill_stats(runtime: OnnxPaliGemma, reference: Reference) -> dict:
 
 
 def check_hop(runtime: OnnxPaliGemma, reference: Reference, thresholds: Thresholds) -> dict:
-    """Compare one artifact precision with the reference; returns the hop's report."""
+    """Compare one artifact precision with the reference; returns the hop's report.
+
+    The prompt's embeddings (vision encoder and token table) are computed once, before the decoder
+    runs, so a `low_memory` runtime never holds the vision and decoder weights together."""
     inputs = reference.inputs
-    prefill = prefill_stats(runtime, reference)
-    _, forced = runtime.generate_ids(**inputs, stop_at_eos=False, forced_tokens=reference.tokens, keep_logits=True)
-    tokens, _ = runtime.generate_ids(**inputs, max_new_tokens=PARITY_NEW_TOKENS, stop_at_eos=False)
+    embeds = runtime.prefill_embeds(inputs[INPUT_IDS], inputs[PIXEL_VALUES])
+    prefill = prefill_stats(runtime, reference, embeds)
+    _, forced = runtime.generate_ids(**inputs, stop_at_eos=False, forced_tokens=reference.tokens, keep_logits=True,
+                                     embeds=embeds)
+    tokens, _ = runtime.generate_ids(**inputs, max_new_tokens=PARITY_NEW_TOKENS, stop_at_eos=False, embeds=embeds)
     report = {
         "dtype": runtime.dtype,
         "thresholds": asdict(thresholds),

@@ -122,6 +122,8 @@ class PrefillFeeds(OnnxPaliGemma):
     for decoder feeds, the fp32 vision and embedding sessions; the decoder's input names and shapes
     are read from its graph without its weights."""
 
+    low_memory = False  # its vision session stays open (no decoder is loaded beside it)
+
     def __init__(self, folder: Path, with_graphs: bool):
         self.folder = folder
         self.config = json.loads((folder / "config.json").read_text())

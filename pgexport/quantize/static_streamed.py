@@ -79,10 +79,10 @@ def _calibrate(src: Path, graph: onnx.ModelProto, activations: list[str], feeds:
     link_data_files(src, graph, calibration)
     onnx.save(augmented, str(calibration / src.name))
     del augmented
-    options = ort.SessionOptions()
+    from pgexport.runtime import session_options
+
+    options = session_options(low_memory=True)
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # as neural-compressor calibrates
-    options.enable_cpu_mem_arena = False  # as pgexport.runtime.open_session(low_memory=True)
-    options.add_session_config_entry("session.disable_prepacking", "1")
     session = ort.InferenceSession(str(calibration / src.name), options, providers=["CPUExecutionProvider"])
     ranges = {a: [0.0, 0.0] for a in activations}
     for feed in feeds:
