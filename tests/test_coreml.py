@@ -5,6 +5,7 @@ Core ML prediction needs macOS: on Linux the runtime hop is skipped with its rea
 else (what coremltools traces, what it saved) is checked here."""
 
 import json
+import os
 import shutil
 
 import numpy as np
@@ -270,3 +271,60 @@ def test_gemma2_converts_with_palettization(checkpoint_factory, tmp_path):
     ops = program_ops(decoder)
     assert ops["constexpr_lut_to_dense"] > 0 and ops["tanh"] >= 4  # 3 attention soft-caps + the final one
     assert json.loads((tmp_path / "pg2" / "prompt_layout.json").read_text())["sliding_window"] == 6
+
+
+def _mapping_rss_kb(address: int) -> int:
+    """Resident kB of the mapping of this process that holds `address` (/proc/self/smaps)."""
+    inside = False
+    for line in open("/proc/self/smaps"):
+        fields = line.split()
+        if "-" in fields[0] and len(fields) >= 5:  # a mapping's header line
+            start, end = (int(bound, 16) for bound in fields[0].split("-"))
+            inside = start <= address < end
+        elif inside and fields[0] == "Rss:":
+            return int(fields[1])
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="MADV_PAGEOUT is Linux's")
+@pytest.mark.parametrize("releasing", [True, False])
+def test_halving_hands_back_the_mapped_fp32_pages(tmp_path, releasing):
+    """`pgexport coreml` halves the loaded model with load.half_releasing_pages: the same fp16
+    weights as `.half()`, ties kept, and each fp32 weight's mapped pages handed back as it goes (at
+    3B `.half()` held the 11.6 GB mapping beside the 5.9 GB of fp16 copies). The weights are views
+    of a private, writable mapping of their file, as transformers loads safetensors; 32 MB each,
+    since the page cache holds a file in folios of up to a few MB and the kernel pages out only
+    folios wholly inside a weight (the demo's weights are under 1 MB). Plain `.half()`
+    (releasing=False) keeps every page: the check can fail."""
+    import mmap
+
+    from pgexport.load import half_releasing_pages
+
+    rows, count = 2048, 4  # 2048 x 4096 fp32: 32 MB per weight
+    values = torch.randn(count, rows, 4096, generator=torch.Generator().manual_seed(0))
+    path = tmp_path / "weights.bin"
+    path.write_bytes(values.numpy().tobytes())
+    with open(path, "rb") as file:
+        os.fsync(file.fileno())  # written back: the kernel does not page out dirty pages
+        mapping = mmap.mmap(file.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    flat = torch.frombuffer(mapping, dtype=torch.float32)
+    model = torch.nn.Sequential(*(torch.nn.Linear(4096, rows, bias=False) for _ in range(count)))
+    for number, layer in enumerate(model):
+        layer.weight = torch.nn.Parameter(flat[number * rows * 4096:(number + 1) * rows * 4096].view(rows, 4096),
+                                          requires_grad=False)
+    model.append(torch.nn.Linear(4096, rows, bias=False))
+    model[-1].weight = model[0].weight  # tied, as PaliGemma's LM head and token table
+    assert float(sum(layer.weight.sum() for layer in model[:count])) == pytest.approx(float(values.sum()), rel=1e-3)
+    before = _mapping_rss_kb(flat.data_ptr())
+    (half_releasing_pages if releasing else torch.nn.Module.half)(model)
+    after = _mapping_rss_kb(flat.data_ptr())
+    for number in range(count):
+        assert torch.equal(model[number].weight, values[number].half())
+    assert model[-1].weight is model[0].weight
+    assert before * 1024 >= 0.99 * values.numel() * 4
+    if releasing:
+        assert after <= 0.15 * before, (before, after)
+    else:
+        assert after == before
+    del flat
+    mapping.close()

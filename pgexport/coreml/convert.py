@@ -295,7 +295,7 @@ def to_coreml(model: str | Path | None = None, output: str | Path = "out-coreml"
     """
     from pgexport.coreml import package_readme
     from pgexport.coreml.spec import check_spec
-    from pgexport.load import default_model, load_checkpoint, load_config
+    from pgexport.load import default_model, half_releasing_pages, load_checkpoint, load_config
     from pgexport.manifest import write_manifest
     from pgexport.output import check_output, staging_folder, temp_files_in
     from pgexport.pipeline import save_model_files, stages
@@ -336,7 +336,7 @@ def to_coreml(model: str | Path | None = None, output: str | Path = "out-coreml"
             advance("checking the export wrappers against transformers")
             parity["wrappers"] = check_wrappers(checkpoint.model, checkpoint.processor)
         # fp16 weights from here on: 5.9 GB of torch weights held during conversion at 3B, not 11.7.
-        checkpoint.model.half()
+        half_releasing_pages(checkpoint.model)
         packages = {}
         for package in PACKAGES:
             advance(f"converting {package.name}")
