@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import gc
 import os
 import shutil
 import time
@@ -23,6 +22,7 @@ from pgexport.exporters.onnx import export_graphs
 from pgexport.exporters.seg_decoder import load_seg_decoder
 from pgexport.load import Checkpoint, default_model, load_checkpoint
 from pgexport.manifest import MANIFEST, read_manifest, require_files, sha256_file, write_manifest
+from pgexport.memory import release_freed
 from pgexport.output import check_output, staging_folder
 from pgexport.quantize.artifact import plan_variants, quantize_variants, size_report
 from pgexport.structured import copy_parsers
@@ -118,7 +118,7 @@ def export_onnx(model: str | Path | None = None, output: str | Path = "out", con
                 checkpoint.model, checkpoint.processor, eval_rows=eval_rows_for(checkpoint, config.eval_file)
             )
         del checkpoint  # frees the PyTorch weights before the ONNX sessions load (gc: the cycles the reference run left)
-        gc.collect()
+        release_freed()
         if variants:
             advance(f"quantizing ({', '.join(variants)})")
             fields["quantization"] = quantize_variants(staging, variants, config, progress=False)
@@ -214,7 +214,7 @@ def quantize_artifact(artifact: str | Path, output: str | Path, config: Quantize
                 checkpoint.model, checkpoint.processor, eval_rows=eval_rows_for(checkpoint, config.eval_file)
             )
             del checkpoint
-            gc.collect()
+            release_freed()
             evaluate = _tuning_metric(staging, reference_run)
         advance(f"quantizing ({', '.join(variants)})")
         made = quantize_variants(staging, variants, config, progress=progress, evaluate=evaluate)

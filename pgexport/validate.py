@@ -11,7 +11,6 @@ and, given held-out rows, the exact-match change. All failures are collected bef
 from __future__ import annotations
 
 import contextlib
-import gc
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import torch
 from pgexport.contract import ATTENTION_MASK, DECODER, INPUT_IDS, LOGITS, PIXEL_VALUES
 from pgexport.config import ValidateConfig, make
 from pgexport.metrics import LogitStats, held_out_score, logit_stats, token_agreement
+from pgexport.memory import release_freed
 from pgexport.runtime import OnnxPaliGemma, open_image, prepare_inputs
 
 PARITY_NEW_TOKENS = 16
@@ -239,5 +239,5 @@ def validate_artifact(artifact: str | Path, config: ValidateConfig | None = None
     checkpoint = load_checkpoint(config.reference or manifest["source"]["checkpoint"], allow_pickle=allow_pickle)
     outputs = reference_outputs(checkpoint.model, checkpoint.processor, eval_rows=eval_rows_for(checkpoint, config.eval_file))
     del checkpoint
-    gc.collect()
+    release_freed()
     return validate(artifact, outputs, manifest.get("dtypes", ["fp32"]))

@@ -289,7 +289,7 @@ def _mapping_rss_kb(address: int) -> int:
 @pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="MADV_PAGEOUT is Linux's")
 @pytest.mark.parametrize("releasing", [True, False])
 def test_halving_hands_back_the_mapped_fp32_pages(tmp_path, releasing):
-    """`pgexport coreml` halves the loaded model with load.half_releasing_pages: the same fp16
+    """`pgexport coreml` halves the loaded model with memory.half_releasing_pages: the same fp16
     weights as `.half()`, ties kept, and each fp32 weight's mapped pages handed back as it goes (at
     3B `.half()` held the 11.6 GB mapping beside the 5.9 GB of fp16 copies). The weights are views
     of a private, writable mapping of their file, as transformers loads safetensors; 32 MB each,
@@ -298,7 +298,7 @@ def test_halving_hands_back_the_mapped_fp32_pages(tmp_path, releasing):
     (releasing=False) keeps every page: the check can fail."""
     import mmap
 
-    from pgexport.load import half_releasing_pages
+    from pgexport.memory import half_releasing_pages
 
     rows, count = 2048, 4  # 2048 x 4096 fp32: 32 MB per weight
     values = torch.randn(count, rows, 4096, generator=torch.Generator().manual_seed(0))

@@ -4,14 +4,13 @@ made from the model's config, so the processor is never timed)."""
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import time
 from dataclasses import dataclass
 
 import numpy as np
 
 from pgexport.contract import ATTENTION_MASK, INPUT_IDS, PIXEL_VALUES
+from pgexport.memory import release_freed
 from pgexport.runtime import STEP_START, STEP_TOKEN, STEP_VISION
 
 
@@ -43,7 +42,7 @@ class Clock:
 
 def reset_peak_rss() -> bool:
     """Reset the kernel's resident-set high-water mark (VmHWM) to the current RSS."""
-    release_freed_memory()  # give freed heap back first, so the reset starts low
+    release_freed()  # give freed heap back first, so the reset starts low
     try:
         with open("/proc/self/clear_refs", "w") as handle:
             handle.write("5")
@@ -107,13 +106,3 @@ def gpu_memory_used() -> int:
 
     free, total = torch.cuda.mem_get_info()
     return total - free
-
-
-def release_freed_memory() -> None:
-    """Hand the heap's freed pages back to the system (glibc's malloc_trim), so that the next
-    target's peak RSS does not include what the last one freed but the allocator kept. At 896 px,
-    a 15 GB PyTorch prefill left that much resident under the onnxruntime target after it."""
-    with contextlib.suppress(OSError, AttributeError, ValueError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-

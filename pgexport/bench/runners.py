@@ -18,7 +18,6 @@ from pgexport.bench.measure import (
     gpu_memory_used,
     make_inputs,
     peak_rss_bytes,
-    release_freed_memory,
     reset_peak_rss,
     summarize,
 )
@@ -26,6 +25,7 @@ from pgexport.bench.targets import SEED, Job, Target, quiet_transformers, thread
 from pgexport.config import BenchConfig
 from pgexport.contract import DECODER, INPUT_IDS, PIXEL_VALUES, graph_path
 from pgexport.errors import UnsupportedError
+from pgexport.memory import release_freed
 
 
 class OnnxRunner:
@@ -217,7 +217,7 @@ def run_job(job: Job, settings: BenchConfig, advance) -> list[dict]:
         rows.append({**row, "floor": decode_and_prefill_work(runner, job, settings, batch, prompt_length)})
     del runner
     gc.collect()
-    release_freed_memory()
+    release_freed()  # at 896 px a 15 GB PyTorch prefill stayed resident under the next target
     return rows
 
 

@@ -5,13 +5,13 @@ validate, bench) with the stage's config, so a recipe stage behaves as the comma
 from __future__ import annotations
 
 import dataclasses
-import gc
 import json
 from pathlib import Path
 
 from pgexport.build.cache import json_sha256, machine, path_sha256, stage_output_sha256
 from pgexport.config import INPUT_OPTIONS
 from pgexport.manifest import read_manifest, write_manifest
+from pgexport.memory import release_freed
 from pgexport.output import staging_folder
 from pgexport.recipe import ONNX_ARTIFACTS, Recipe, Stage
 
@@ -127,7 +127,7 @@ def run_validate(recipe: Recipe, stage: Stage, folder: Path, out: Path, progress
         outputs = reference_outputs(checkpoint.model, checkpoint.processor,
                                     eval_rows=eval_rows_for(checkpoint, stage.config.eval_file))
         del checkpoint
-        gc.collect()
+        release_freed()
         for name in names:
             report[name] = validate(out / name, outputs, read_manifest(out / name)["dtypes"], thresholds)
     with staging_folder(folder, force=True) as staging:

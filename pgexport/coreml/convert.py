@@ -295,7 +295,8 @@ def to_coreml(model: str | Path | None = None, output: str | Path = "out-coreml"
     """
     from pgexport.coreml import package_readme
     from pgexport.coreml.spec import check_spec
-    from pgexport.load import default_model, half_releasing_pages, load_checkpoint, load_config
+    from pgexport.load import default_model, load_checkpoint, load_config
+    from pgexport.memory import half_releasing_pages
     from pgexport.manifest import write_manifest
     from pgexport.output import check_output, staging_folder, temp_files_in
     from pgexport.pipeline import save_model_files, stages

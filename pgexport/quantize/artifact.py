@@ -23,6 +23,7 @@ from pgexport.config import EMBED_PRECISIONS, PRECISIONS, QuantizeOptions
 from pgexport.config import METHODS as METHOD_OPTIONS
 from pgexport.contract import DECODER, EMBED, GRAPH_NAMES, GRAPHS, VISION, graph_path
 from pgexport.errors import BadInputError, UnsupportedError, import_optional
+from pgexport.memory import release_freed
 
 # CLI option -> graph
 GRAPH_OPTIONS = {spec.option: spec.name for spec in GRAPHS}
@@ -143,6 +144,7 @@ def quantize_variants(folder: Path, variants: dict[str, dict[str, str]], options
             key = f"{graph}/{precision}"
             if key not in made:
                 made[key] = quantize_graph(folder, graph, precision, options, progress=progress, evaluate=evaluate)
+                release_freed()  # the next graph's peak is its own: glibc kept 3.2 GB of the last one's
     return made
 
 

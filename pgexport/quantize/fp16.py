@@ -22,7 +22,7 @@ its 5 GB fp16 copy (21.3 GB peak before, benchmarks/results/memory_3b.md).
 
 Graphs whose weights live in a .data file (over 1 GiB; the 3B decoder's 10 GB is over protobuf's
 2 GB): the probe is the graph's structure alone, saved beside hard links to its data file, run on
-one sample row with the node outputs exposed a quarter at a time (all at once, a 3-row probe of
+one sample row with the node outputs exposed an eighth at a time (all at once, a 3-row probe of
 the 3B decoder ran 24 GB out); the fp16 graph keeps its weights in a .data file too; the fp32
 and fp16 sessions of the check run one after the other.
 """
@@ -47,7 +47,9 @@ from pgexport.quantize.rewrite import load_float_graph
 
 FP16_MAX = 65504.0
 FP16_LIMIT = FP16_MAX / 4
-LARGE_GRAPH_PROBE_GROUPS = 4  # activations of a 266-token 3B prefill: ~1 GB per share instead of ~5 GB
+# The 3B decoder's probe in shares of its node outputs: with 4 the probe was the fp16 stage's peak,
+# 14.36 GB; 8 peak at 12.56 GB standalone in about the same time, 183 s (memory_3b.md).
+LARGE_GRAPH_PROBE_GROUPS = 8
 PRECISION_LIMIT = 2e-3  # fp16 rounds a normal value by at most 4.9e-4 relative; more means underflow
 
 
@@ -215,7 +217,7 @@ def convert_fp16(folder: Path, graph: str, src: Path, dst: Path, *, progress: bo
     feeds = sample_feeds(folder, graph)
     gc.collect()  # the artifact's sessions that made the feeds
     large = source_bytes > EXTERNAL_DATA_THRESHOLD
-    if large:  # the 3B decoder: one sample row, its activations probed a quarter of the nodes at a time
+    if large:  # the 3B decoder: one sample row, its activations probed an eighth of the nodes at a time
         feeds = [{key: value[:1] if value.ndim else value for key, value in feed.items()} for feed in feeds[:1]]
     groups = LARGE_GRAPH_PROBE_GROUPS if large else 1
     stats = activation_ranges(src, feeds, groups)
