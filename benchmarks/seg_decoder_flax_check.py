@@ -37,7 +37,7 @@ def prepare(folder: Path) -> None:
     np.save(folder / "codes.npy", codes)
     np.save(folder / "torch.npy", sd.reference_logits(module, codes))
     onnx_path = sd.export_seg_decoder(module, folder, 18)
-    from pgexport.runtime import open_session
+    from pgexport.sessions import open_session
 
     np.save(folder / "onnx.npy", open_session(onnx_path).run(None, {"codes": codes})[0])
 

@@ -277,7 +277,8 @@ def _tuning_metric(folder: Path, reference):
     relative target of 0.99 asks what the int8 gate asks (cosine 0.99)."""
     import numpy as np
 
-    from pgexport.runtime import OnnxPaliGemma, open_session
+    from pgexport.runtime import OnnxPaliGemma
+    from pgexport.sessions import open_session
     from pgexport.metrics import logit_stats, token_agreement
     from pgexport.validate import PARITY_NEW_TOKENS
 

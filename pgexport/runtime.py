@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import onnxruntime as ort
 from PIL import Image
 
 from pgexport.contract import (
@@ -35,6 +34,7 @@ from pgexport.contract import (
 from pgexport.errors import BadInputError, UnsupportedError
 from pgexport.manifest import MANIFEST, read_manifest, require_files
 from pgexport.processor import Processor
+from pgexport.sessions import Sessions, open_session
 from pgexport.structured import Box, Mask, parse_detections, paste_mask
 
 log = logging.getLogger(__name__)
@@ -107,54 +107,6 @@ def open_image(path: str | Path) -> Image.Image:
                 return to_rgb(image, f"image {path}")
     except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as error:
         raise BadInputError(f"cannot read image {path}: {error}") from error
-
-
-def session_options(threads: int | None = None, low_memory: bool = False) -> ort.SessionOptions:
-    """open_session's options (see there): errors-only logging, `threads`, `low_memory`."""
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-    options.log_severity_level = 3
-    if low_memory:
-        options.enable_cpu_mem_arena = False
-        options.add_session_config_entry("session.disable_prepacking", "1")
-    return options
-
-
-def open_session(path: str | Path, threads: int | None = None, providers: list[str] | None = None,
-                 low_memory: bool = False) -> ort.InferenceSession:
-    """An onnxruntime session of one graph file (CPU unless `providers` say otherwise) that logs
-    errors only: onnxruntime warns at every load that the decoder's `logits_to_keep` is an
-    initializer that is also an input, which is the point (exporters/onnx.py).
-
-    `low_memory`: no prepacked weight copies (the weights stay mapped from their file, pages the
-    kernel can drop, and there is no 2 GB packing transient on the 3B decoder's LM head) and no
-    CPU arena (what a run frees goes back to the OS; the arena kept a 3B prefill's 1 GB of logits).
-    Measured on the 3B fp32 decoder, a 3 x 268-token prefill takes as long either way
-    (benchmarks/results/memory_3b.md); the parity gate and the quantizers' probes use it."""
-    return ort.InferenceSession(str(path), session_options(threads, low_memory),
-                                providers=providers or ["CPUExecutionProvider"])
-
-
-class Sessions(dict):
-    """graph name -> onnxruntime session, for the graph files in `paths`: each opened on first use
-    (or all at once, `eager`), and closed again by `release`."""
-
-    def __init__(self, paths: dict[str, Path], open_one: Callable[[Path], ort.InferenceSession], eager: bool = True):
-        super().__init__()
-        self.paths, self._open = paths, open_one
-        for graph in paths if eager else ():
-            self[graph] = open_one(paths[graph])
-
-    def __missing__(self, graph: str) -> ort.InferenceSession:
-        if graph not in self.paths:
-            raise KeyError(graph)
-        session = self[graph] = self._open(self.paths[graph])
-        return session
-
-    def release(self, graph: str) -> None:
-        """Close a graph's session (its memory goes back now); the next use opens it again."""
-        self.pop(graph, None)
 
 
 def left_pad_positions(attention_mask: np.ndarray) -> np.ndarray:

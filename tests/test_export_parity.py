@@ -118,7 +118,7 @@ def test_gate_never_holds_vision_and_decoder_together(demo_onnx):
     decoder weights are never loaded together (a 3B fp16 artifact's three sessions take 13.8 GB
     on CPU). The report is the one the all-sessions-open runtime gives, figure for figure."""
     from pgexport.load import load_checkpoint
-    from pgexport.runtime import Sessions
+    from pgexport.sessions import Sessions
     from pgexport.validate import THRESHOLDS, check_hop, reference_outputs
 
     checkpoint = load_checkpoint()

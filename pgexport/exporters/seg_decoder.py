@@ -206,7 +206,7 @@ def export_seg_decoder(module: SegDecoder, out_dir: str | Path, opset: int) -> P
 
 def onnx_parity(module: SegDecoder, path: str | Path) -> dict:
     """onnx/seg_decoder.onnx on ONNX Runtime against the PyTorch module, on `probe_codes`."""
-    from pgexport.runtime import open_session
+    from pgexport.sessions import open_session
 
     codes = probe_codes(module.codebook_size)
     session = open_session(Path(path))

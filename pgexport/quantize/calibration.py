@@ -29,7 +29,8 @@ import onnx
 from pgexport.contract import DECODER, EMBED, PAST, VISION, graph_path
 from pgexport.errors import BadInputError
 from pgexport.processor import Processor
-from pgexport.runtime import OnnxPaliGemma, open_image, open_session
+from pgexport.runtime import OnnxPaliGemma, open_image
+from pgexport.sessions import open_session
 
 CALIBRATION_GRAPHS = (VISION.name, DECODER.name)
 DEFAULT_PROMPT = "caption en"

@@ -78,7 +78,7 @@ def activation_ranges(src: Path, feeds: list[dict], groups: int = 1) -> dict[str
     """node name -> {"op", "max_abs", "fp16_rel_error"} over every float output of every node of
     the graph file `src`. `groups` > 1 exposes the node outputs in that many sessions, one after
     the other, so only a share of the activations is held at once (the 3B decoder's are ~10 GB)."""
-    from pgexport.runtime import open_session
+    from pgexport.sessions import open_session
 
     base = onnx.load(str(src), load_external_data=False)
     known = {o.name for o in base.graph.output}
@@ -193,7 +193,7 @@ def graph_outputs(path: Path, feeds: list[dict]) -> list[dict[str, np.ndarray]]:
     """Every output of the graph at `path` for each feed, as float32 (float inputs cast to fp16
     where the graph takes fp16); the session is released before returning. The fp16 check and
     the optimization pass's parity run both graphs of a comparison through it."""
-    from pgexport.runtime import open_session
+    from pgexport.sessions import open_session
 
     session = open_session(path, low_memory=True)
     wanted = {i.name: i.type for i in session.get_inputs()}

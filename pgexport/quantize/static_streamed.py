@@ -79,7 +79,7 @@ def _calibrate(src: Path, graph: onnx.ModelProto, activations: list[str], feeds:
     link_data_files(src, graph, calibration)
     onnx.save(augmented, str(calibration / src.name))
     del augmented
-    from pgexport.runtime import session_options
+    from pgexport.sessions import session_options
 
     options = session_options(low_memory=True)
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # as neural-compressor calibrates
