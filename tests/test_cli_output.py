@@ -151,7 +151,7 @@ def test_coreml_prints_no_coremltools_bars_or_known_harmless_warnings(tmp_path, 
                                            "--no-validate", "--compress", "int4"])
     assert result.exit_code == 0, result.output
     assert third_party_progress(result.stderr) == [], result.stderr[:2000]
-    assert "done" in result.stderr and "7/7" in result.stderr
+    assert "done" in result.stderr and "8/8" in result.stderr  # load, layout, 2 conversions, 2 compressions, spec check, manifest
     # (through the "coremltools" logger, and the root logger some of its modules use: int4's block-size note)
     harmless = [r.getMessage() for r in caplog.records if any(text in r.getMessage() for text in HARMLESS_COREMLTOOLS_LOGS)]
     assert harmless == []

@@ -296,7 +296,7 @@ def to_coreml(model: str | Path | None = None, output: str | Path = "out-coreml"
     from pgexport.coreml import package_readme
     from pgexport.coreml.spec import check_spec
     from pgexport.load import default_model, load_checkpoint, load_config
-    from pgexport.memory import half_releasing_pages
+    from pgexport.memory import half_releasing_pages, release_freed
     from pgexport.manifest import write_manifest
     from pgexport.output import check_output, staging_folder, temp_files_in
     from pgexport.pipeline import save_model_files, stages
@@ -316,7 +316,7 @@ def to_coreml(model: str | Path | None = None, output: str | Path = "out-coreml"
     with harmless_coremltools_logs_dropped():  # those it logs when first imported
         ct = import_optional("coremltools", "coreml")
     started = time.perf_counter()
-    with (staging_folder(output, force, inputs) as staging, stages(7 + validate + bool(seg_decoder), progress) as advance,
+    with (staging_folder(output, force, inputs) as staging, stages(6 + validate + 2 * (compress != "none") + bool(seg_decoder), progress) as advance,
           temp_files_in(staging / ".tmp") as scratch_files, quiet_coremltools()):
         advance("loading checkpoint")
         checkpoint = load_checkpoint(model, allow_pickle=allow_pickle)
@@ -338,18 +338,29 @@ def to_coreml(model: str | Path | None = None, output: str | Path = "out-coreml"
             parity["wrappers"] = check_wrappers(checkpoint.model, checkpoint.processor)
         # fp16 weights from here on: 5.9 GB of torch weights held during conversion at 3B, not 11.7.
         half_releasing_pages(checkpoint.model)
-        packages = {}
+        advance("saving tokenizer and prompt layout")
+        text = checkpoint.config.text_config
+        state_shape = [text.num_hidden_layers, 1, text.num_key_value_heads, max_context, text.head_dim]
+        layout = prompt_layout(checkpoint, max_context, state_shape)
+        save_model_files(checkpoint, staging)
+        (staging / "prompt_layout.json").write_text(json.dumps(layout, indent=2) + "\n")
+        mlmodels, packages = {}, {}
         for package in PACKAGES:
             advance(f"converting {package.name}")
             t0 = time.perf_counter()
             if package is COREML_VISION:
                 # Traced from an fp32 copy of the vision tower alone: coremltools 9 rejects SigLIP's
                 # layer_norm traced in fp16 (fp32 epsilon against fp16 gamma).
-                mlmodel = convert_vision_encoder(checkpoint.model, checkpoint.processor.image_processor, target)
+                mlmodels[package] = convert_vision_encoder(checkpoint.model, checkpoint.processor.image_processor, target)
             else:
-                mlmodel = convert_decoder(checkpoint.model, target, max_context)
-            path = staging / package.filename
-            entry = {"convert_seconds": round(time.perf_counter() - t0, 1), "max_rss_gb_after_convert": max_rss_gb()}
+                mlmodels[package] = convert_decoder(checkpoint.model, target, max_context)
+            packages[package.name] = {"convert_seconds": round(time.perf_counter() - t0, 1),
+                                      "max_rss_gb_after_convert": max_rss_gb()}
+        # The torch weights go before compression: at 3B, int4 compression beside them peaked at 16.8 GB.
+        del checkpoint
+        release_freed()
+        for package, mlmodel in mlmodels.items():
+            path, entry = staging / package.filename, packages[package.name]
             if compress != "none":
                 scratch = staging / ".uncompressed" / path.name
                 mlmodel.save(str(scratch))
@@ -365,8 +376,7 @@ def to_coreml(model: str | Path | None = None, output: str | Path = "out-coreml"
             entry["bytes"] = package_bytes(path)
             entry.setdefault("fp16_bytes", entry["bytes"])
             entry["ratio"] = round(entry["bytes"] / entry["fp16_bytes"], 4)
-            packages[package.name] = entry
-            del mlmodel
+            mlmodels[package] = mlmodel = None
         if seg_decoder is not None:
             advance(f"converting {COREML_SEG_DECODER.name}")
             mlmodel, traced = convert_seg_decoder(seg_decoder, target)
@@ -377,13 +387,6 @@ def to_coreml(model: str | Path | None = None, output: str | Path = "out-coreml"
                                      "bytes": package_bytes(staging / COREML_SEG_DECODER.filename),
                                      "wrapper_parity": seg_wrapper_parity(seg_decoder, traced) if validate else None}
             del mlmodel, traced
-        advance("saving tokenizer, prompt layout and README")
-        text = checkpoint.config.text_config
-        state_shape = [text.num_hidden_layers, 1, text.num_key_value_heads, max_context, text.head_dim]
-        layout = prompt_layout(checkpoint, max_context, state_shape)
-        save_model_files(checkpoint, staging)
-        (staging / "prompt_layout.json").write_text(json.dumps(layout, indent=2) + "\n")
-        del checkpoint
         advance("checking the saved specs")
         expected = {"target": target, "compress": compress, "max_context": max_context, "state_shape": state_shape,
                     "image_size": layout["image_size"], "num_image_tokens": layout["num_image_tokens"],
