@@ -79,7 +79,7 @@ def export_onnx(model: str | Path | None = None, output: str | Path = "out", con
     place at the end. Returns the manifest; raises GateFailedError (artifact kept, report inside)
     when a parity gate fails.
     """
-    from pgexport.validate import eval_rows_for, reference_outputs, validate as run_gate
+    from pgexport.validate import eval_rows_for, logits_on_disk, reference_outputs, validate as run_gate
 
     output, config = Path(output), make(ExportConfig, config, **options)
     variants = plan_variants(methods_of(config), config.graphs())
@@ -88,7 +88,8 @@ def export_onnx(model: str | Path | None = None, output: str | Path = "out", con
     seg_decoder = load_seg_decoder(config.seg_decoder) if config.seg_decoder else None  # a bad file fails here
     started = time.perf_counter()
     with (staging_folder(output, force, inputs) as staging,
-          stages(4 + bool(variants) + config.ort_format + 2 * config.validate, progress) as advance):
+          stages(4 + bool(variants) + config.ort_format + 2 * config.validate, progress) as advance,
+          contextlib.ExitStack() as scratch):
         advance("loading checkpoint")
         checkpoint = load_checkpoint(model, allow_pickle=allow_pickle)
         advance("exporting ONNX graphs")
@@ -114,9 +115,9 @@ def export_onnx(model: str | Path | None = None, output: str | Path = "out", con
             fields["seg_decoder"] = seg_fields
         if config.validate:
             advance("running the PyTorch reference")
-            reference = reference_outputs(
+            reference = scratch.enter_context(logits_on_disk(reference_outputs(
                 checkpoint.model, checkpoint.processor, eval_rows=eval_rows_for(checkpoint, config.eval_file)
-            )
+            )))
         del checkpoint  # frees the PyTorch weights before the ONNX sessions load (gc: the cycles the reference run left)
         release_freed()
         if variants:
@@ -179,7 +180,7 @@ def quantize_artifact(artifact: str | Path, output: str | Path, config: Quantize
     checkpoint, or `reference`) -> quantize each graph the variants need -> validate the new
     variants -> manifest (with a size report) -> rename into place. The input is never written to.
     """
-    from pgexport.validate import eval_rows_for, reference_outputs, validate as run_gate
+    from pgexport.validate import eval_rows_for, logits_on_disk, reference_outputs, validate as run_gate
 
     artifact, output, config = Path(artifact), Path(output), make(QuantizeConfig, config, **options)
     variants = plan_variants(methods_of(config), config.graphs())
@@ -202,7 +203,8 @@ def quantize_artifact(artifact: str | Path, output: str | Path, config: Quantize
     # --ort-format, else left out, since they would not cover the new variants).
     remade = _graph_files(artifact, variants) | ort_format.ort_files(source_manifest)
     started = time.perf_counter()
-    with staging_folder(output, force, inputs) as staging, stages(4 + config.ort_format + config.validate, progress) as advance:
+    with (staging_folder(output, force, inputs) as staging,
+          stages(4 + config.ort_format + config.validate, progress) as advance, contextlib.ExitStack() as scratch):
         advance("linking the input artifact")
         for name in sorted(set(source_manifest.get("files", {})) - remade):
             _link_or_copy(artifact / name, staging / name)
@@ -210,9 +212,9 @@ def quantize_artifact(artifact: str | Path, output: str | Path, config: Quantize
         if config.validate:
             advance("running the PyTorch reference")
             checkpoint = load_checkpoint(reference, allow_pickle=allow_pickle)
-            reference_run = reference_outputs(
+            reference_run = scratch.enter_context(logits_on_disk(reference_outputs(
                 checkpoint.model, checkpoint.processor, eval_rows=eval_rows_for(checkpoint, config.eval_file)
-            )
+            )))
             del checkpoint
             release_freed()
             evaluate = _tuning_metric(staging, reference_run)

@@ -141,6 +141,22 @@ def reference_outputs(model, processor, samples=None, eval_rows=None) -> Referen
     return reference
 
 
+@contextlib.contextmanager
+def logits_on_disk(reference: Reference):
+    """The reference's logit arrays (0.9 GB at 3B) moved to .npy files in a temporary folder and
+    read back memory-mapped for the block: quantization, which runs between the reference and the
+    gate, then has that memory too (the fp16 probe's peak was 13.9 GB with them resident), and
+    the gate pages in the rows it compares. Same values; the folder is removed when the block ends."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="pgexport-reference-") as folder:
+        for name in ("prefill_logits", "step_logits"):
+            path = Path(folder) / f"{name}.npy"
+            np.save(path, getattr(reference, name))
+            setattr(reference, name, np.load(path, mmap_mode="r"))  # stays readable once unlinked (POSIX)
+        yield reference
+
+
 def prefill_stats(runtime: OnnxPaliGemma, reference: Reference, embeds: np.ndarray | None = None) -> dict:
     """logit_stats of the artifact's prefill logits (every prompt position) against the reference's,
     the decoder run one row at a time: a 3B batch's logits are 0.8 GB, which a 16 GB runner cannot

@@ -344,39 +344,44 @@ def to_coreml(model: str | Path | None = None, output: str | Path = "out-coreml"
         layout = prompt_layout(checkpoint, max_context, state_shape)
         save_model_files(checkpoint, staging)
         (staging / "prompt_layout.json").write_text(json.dumps(layout, indent=2) + "\n")
-        mlmodels, packages = {}, {}
+        packages, uncompressed = {}, staging / ".uncompressed"
         for package in PACKAGES:
             advance(f"converting {package.name}")
             t0 = time.perf_counter()
             if package is COREML_VISION:
                 # Traced from an fp32 copy of the vision tower alone: coremltools 9 rejects SigLIP's
                 # layer_norm traced in fp16 (fp32 epsilon against fp16 gamma).
-                mlmodels[package] = convert_vision_encoder(checkpoint.model, checkpoint.processor.image_processor, target)
+                mlmodel = convert_vision_encoder(checkpoint.model, checkpoint.processor.image_processor, target)
             else:
-                mlmodels[package] = convert_decoder(checkpoint.model, target, max_context)
-            packages[package.name] = {"convert_seconds": round(time.perf_counter() - t0, 1),
-                                      "max_rss_gb_after_convert": max_rss_gb()}
-        # The torch weights go before compression: at 3B, int4 compression beside them peaked at 16.8 GB.
-        del checkpoint
-        release_freed()
-        for package, mlmodel in mlmodels.items():
-            path, entry = staging / package.filename, packages[package.name]
-            if compress != "none":
-                scratch = staging / ".uncompressed" / path.name
-                mlmodel.save(str(scratch))
-                entry["fp16_bytes"] = package_bytes(scratch)
-                shutil.rmtree(scratch.parent)
-                advance(f"compressing {package.name} ({compress})")
-                t0 = time.perf_counter()
-                mlmodel = compress_model(mlmodel, compress)
-                entry["compress_seconds"] = round(time.perf_counter() - t0, 1)
-                entry["max_rss_gb_after_compress"] = max_rss_gb()
-            describe(mlmodel, package, fields)
+                mlmodel = convert_decoder(checkpoint.model, target, max_context)
+            entry = packages[package.name] = {"convert_seconds": round(time.perf_counter() - t0, 1),
+                                              "max_rss_gb_after_convert": max_rss_gb()}
+            if compress == "none":
+                describe(mlmodel, package, fields)
+            # Saved as converted, and the converted model (its whole program in memory) let go: the
+            # compression reads the saved package. Compressing the converted model in memory held
+            # it twice, 16.8 GB at 3B int4 (benchmarks/results/memory_3b.md).
+            path = (staging if compress == "none" else uncompressed) / package.filename
             mlmodel.save(str(path))
-            entry["bytes"] = package_bytes(path)
-            entry.setdefault("fp16_bytes", entry["bytes"])
+            entry["fp16_bytes"] = entry["bytes"] = package_bytes(path)
+            del mlmodel
+        del checkpoint  # the torch weights, before compression
+        release_freed()
+        for package in PACKAGES if compress != "none" else ():
+            entry = packages[package.name]
+            advance(f"compressing {package.name} ({compress})")
+            t0 = time.perf_counter()
+            mlmodel = compress_model(ct.models.MLModel(str(uncompressed / package.filename), skip_model_load=True), compress)
+            entry["compress_seconds"] = round(time.perf_counter() - t0, 1)
+            entry["max_rss_gb_after_compress"] = max_rss_gb()
+            describe(mlmodel, package, fields)
+            mlmodel.save(str(staging / package.filename))
+            entry["bytes"] = package_bytes(staging / package.filename)
+            del mlmodel
+            shutil.rmtree(uncompressed / package.filename)
+        shutil.rmtree(uncompressed, ignore_errors=True)
+        for entry in packages.values():
             entry["ratio"] = round(entry["bytes"] / entry["fp16_bytes"], 4)
-            mlmodels[package] = mlmodel = None
         if seg_decoder is not None:
             advance(f"converting {COREML_SEG_DECODER.name}")
             mlmodel, traced = convert_seg_decoder(seg_decoder, target)
