@@ -280,13 +280,12 @@ def _tuning_metric(folder: Path, reference):
     import numpy as np
 
     from pgexport.runtime import OnnxPaliGemma
-    from pgexport.sessions import open_session
     from pgexport.metrics import logit_stats, token_agreement
     from pgexport.validate import PARITY_NEW_TOKENS
 
     def evaluate(graph: str, candidate: Path) -> float:
         runtime = OnnxPaliGemma(folder, dtype="fp32", low_memory=True)
-        runtime.sessions[graph] = open_session(candidate, low_memory=True)
+        runtime.sessions.replace(graph, candidate)  # a path, not a session: the vision's reopens after each run
         inputs = reference.inputs
         tokens, _ = runtime.generate_ids(**inputs, max_new_tokens=PARITY_NEW_TOKENS, stop_at_eos=False)
         _, forced = runtime.generate_ids(**inputs, stop_at_eos=False, forced_tokens=reference.tokens, keep_logits=True)

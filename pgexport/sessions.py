@@ -52,6 +52,11 @@ class Sessions(dict):
         session = self[graph] = self._open(self.paths[graph])
         return session
 
+    def replace(self, graph: str, path: Path) -> None:
+        """Use the graph file at `path` for `graph` from now on (opened on next use)."""
+        self.paths[graph] = path
+        self.release(graph)
+
     def release(self, graph: str) -> None:
         """Close a graph's session (its memory goes back now); the next use opens it again."""
         self.pop(graph, None)

@@ -145,3 +145,22 @@ def test_gate_never_holds_vision_and_decoder_together(demo_onnx):
             assert lazy == eager[dtype] and lazy["passed"]
     assert opened.count("vision_encoder") == 2 and "decoder_model_merged" in opened
     assert not any({"vision_encoder", "decoder_model_merged"} <= open_now for open_now in together)
+
+
+def test_a_replaced_graph_stays_replaced_in_a_low_memory_runtime(demo_onnx):
+    """The accuracy tuner swaps one graph for a candidate file (`Sessions.replace`); a low-memory
+    runtime closes the vision encoder's session after each run, and must reopen the candidate,
+    not the artifact's own file."""
+    from pgexport.contract import graph_path
+
+    images, prompts = zip(*sample_inputs(2))
+    runtime = OnnxPaliGemma(demo_onnx, dtype="fp32", low_memory=True)
+    inputs = runtime.preprocess(list(images), list(prompts))
+    fp32 = runtime.prefill_embeds(inputs["input_ids"], inputs["pixel_values"])
+    runtime.sessions.replace("vision_encoder", graph_path(demo_onnx, "vision_encoder", "int8"))
+    first, second = (runtime.prefill_embeds(inputs["input_ids"], inputs["pixel_values"]) for _ in range(2))
+    expected = OnnxPaliGemma(demo_onnx, dtype={"vision_encoder": "int8"}).prefill_embeds(inputs["input_ids"],
+                                                                                         inputs["pixel_values"])
+    np.testing.assert_array_equal(first, expected)
+    np.testing.assert_array_equal(second, expected)
+    assert not np.array_equal(fp32, expected)
