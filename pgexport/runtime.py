@@ -165,7 +165,8 @@ class OnnxPaliGemma:
     caches are joined along the batch): the same outputs, with the prefill's activations held for
     those rows only (a batch of 4 at 896 px is a 16k-token prefill). Decoding stays batched.
 
-    `low_memory` opens the sessions without prepacked weights or a CPU arena (see `open_session`),
+    `low_memory` opens the sessions without a CPU arena, and without prepacked weights unless a
+    graph is q4 (whose kernel computes otherwise without them; see `open_session`),
     each on first use, and closes the vision encoder's after every run: its weights and the
     decoder's are then never loaded together when the caller computes the prompt's embeddings
     first (`prefill_embeds`) and passes them to `generate_ids`, as the parity gate does. On CPU
@@ -209,8 +210,9 @@ class OnnxPaliGemma:
         self.eos_token_id = self.processor.eos_token_id
         self.pad_token_id = self.processor.pad_token_id
         self.low_memory = low_memory
-        self.sessions = Sessions(paths, lambda path: open_session(path, threads, providers, low_memory),
-                                 eager=not low_memory)
+        self.sessions = Sessions(paths, lambda graph, path: open_session(
+            path, threads, providers, low_memory, prepack=not low_memory or self.graph_dtypes.get(graph) == "q4"),
+            eager=not low_memory)
 
     @cached_property
     def past_inputs(self) -> list:

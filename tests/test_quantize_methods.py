@@ -239,6 +239,25 @@ def test_quantize_variants_pass_the_gate(demo, tmp_path):
     assert OnnxPaliGemma(tmp_path / "mixed", dtype="q4").graph_dtypes["vision_encoder"] == "int8"
 
 
+def test_q4_gate_runs_the_kernels_a_user_runs(demo):
+    """The gate's low-memory runtime keeps MatMulNBits' packed weights: without them onnxruntime
+    dequantizes each weight to fp32 on every call instead of taking the int8 path
+    (accuracy_level 4) a user's session takes, so the gate would score another computation
+    (and run 100x slower per token). Its report equals the default runtime's, figure for figure."""
+    from pgexport.load import load_checkpoint
+    from pgexport.validate import THRESHOLDS, check_hop, reference_outputs
+
+    artifact, _ = demo
+    checkpoint = load_checkpoint()
+    reference = reference_outputs(checkpoint.model, checkpoint.processor)
+    user = check_hop(OnnxPaliGemma(artifact, dtype="q4"), reference, THRESHOLDS["q4"])
+    gate = OnnxPaliGemma(artifact, dtype="q4", low_memory=True)
+    assert check_hop(gate, reference, THRESHOLDS["q4"]) == user
+    unpacked = OnnxPaliGemma(artifact, dtype="q4", low_memory=True)
+    unpacked.graph_dtypes = {}  # every graph opened as if fp32: no packed weights
+    assert check_hop(unpacked, reference, THRESHOLDS["q4"])["prefill"] != user["prefill"]
+
+
 @pytest.mark.slow
 def test_fp16_islands_and_a_failed_gate(demo, tmp_path, monkeypatch):
     """fp16: islands found on real activations (the attention-mask path, float32's minimum), the
