@@ -180,7 +180,7 @@ def quantize_artifact(artifact: str | Path, output: str | Path, config: Quantize
     checkpoint, or `reference`) -> quantize each graph the variants need -> validate the new
     variants -> manifest (with a size report) -> rename into place. The input is never written to.
     """
-    from pgexport.validate import eval_rows_for, logits_on_disk, reference_outputs, validate as run_gate
+    from pgexport.validate import checkpoint_reference, logits_on_disk, validate as run_gate
 
     artifact, output, config = Path(artifact), Path(output), make(QuantizeConfig, config, **options)
     variants = plan_variants(methods_of(config), config.graphs())
@@ -211,12 +211,7 @@ def quantize_artifact(artifact: str | Path, output: str | Path, config: Quantize
         reference_run = evaluate = None
         if config.validate:
             advance("running the PyTorch reference")
-            checkpoint = load_checkpoint(reference, allow_pickle=allow_pickle)
-            reference_run = scratch.enter_context(logits_on_disk(reference_outputs(
-                checkpoint.model, checkpoint.processor, eval_rows=eval_rows_for(checkpoint, config.eval_file)
-            )))
-            del checkpoint
-            release_freed()
+            reference_run = scratch.enter_context(logits_on_disk(checkpoint_reference(reference, config.eval_file, allow_pickle)))
             evaluate = _tuning_metric(staging, reference_run)
         advance(f"quantizing ({', '.join(variants)})")
         made = quantize_variants(staging, variants, config, progress=progress, evaluate=evaluate)

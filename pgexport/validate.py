@@ -141,6 +141,18 @@ def reference_outputs(model, processor, samples=None, eval_rows=None) -> Referen
     return reference
 
 
+def checkpoint_reference(source: str | Path | None, eval_file: str | Path | None = None, allow_pickle: bool = False) -> Reference:
+    """`reference_outputs` of the checkpoint at `source` (None: the demo model), with its model
+    freed before this returns, so the ONNX sessions that follow never load beside it."""
+    from pgexport.load import load_checkpoint
+
+    checkpoint = load_checkpoint(source, allow_pickle=allow_pickle)
+    reference = reference_outputs(checkpoint.model, checkpoint.processor, eval_rows=eval_rows_for(checkpoint, eval_file))
+    del checkpoint
+    release_freed()  # the PyTorch weights, and the cycles the reference run left
+    return reference
+
+
 @contextlib.contextmanager
 def logits_on_disk(reference: Reference):
     """The reference's logit arrays (0.9 GB at 3B) moved to .npy files in a temporary folder and
@@ -247,13 +259,9 @@ def validate_artifact(artifact: str | Path, config: ValidateConfig | None = None
 
     `config` (or its fields as keywords: `validate_artifact(out, reference=..., eval_file=...)`) is a
     ValidateConfig, the options of `pgexport validate`."""
-    from pgexport.load import load_checkpoint
     from pgexport.manifest import read_manifest
 
     config = make(ValidateConfig, config, **options)
     manifest = read_manifest(artifact)
-    checkpoint = load_checkpoint(config.reference or manifest["source"]["checkpoint"], allow_pickle=allow_pickle)
-    outputs = reference_outputs(checkpoint.model, checkpoint.processor, eval_rows=eval_rows_for(checkpoint, config.eval_file))
-    del checkpoint
-    release_freed()
-    return validate(artifact, outputs, manifest.get("dtypes", ["fp32"]))
+    reference = checkpoint_reference(config.reference or manifest["source"]["checkpoint"], config.eval_file, allow_pickle)
+    return validate(artifact, reference, manifest.get("dtypes", ["fp32"]))

@@ -11,7 +11,6 @@ from pathlib import Path
 from pgexport.build.cache import json_sha256, machine, path_sha256, stage_output_sha256
 from pgexport.config import INPUT_OPTIONS
 from pgexport.manifest import read_manifest, write_manifest
-from pgexport.memory import release_freed
 from pgexport.output import staging_folder
 from pgexport.recipe import ONNX_ARTIFACTS, Recipe, Stage
 
@@ -110,8 +109,7 @@ def run_distill(recipe: Recipe, stage: Stage, folder: Path, out: Path, progress:
 def run_validate(recipe: Recipe, stage: Stage, folder: Path, out: Path, progress: bool) -> None:
     """Parity of every artifact and dtype against its checkpoint -> parity.json (+ manifest.json).
     Each reference checkpoint runs once, freed before the ONNX sessions load."""
-    from pgexport.load import load_checkpoint
-    from pgexport.validate import eval_rows_for, reference_outputs, validate
+    from pgexport.validate import checkpoint_reference, validate
 
     thresholds, report, by_reference = thresholds_for(recipe), {}, {}
     for name in artifacts_of(recipe, stage):
@@ -123,11 +121,7 @@ def run_validate(recipe: Recipe, stage: Stage, folder: Path, out: Path, progress
             continue
         by_reference.setdefault(str(stage.config.reference or reference_of(recipe, name, out)), []).append(name)
     for reference, names in by_reference.items():
-        checkpoint = load_checkpoint(reference, allow_pickle=recipe.allow_pickle)
-        outputs = reference_outputs(checkpoint.model, checkpoint.processor,
-                                    eval_rows=eval_rows_for(checkpoint, stage.config.eval_file))
-        del checkpoint
-        release_freed()
+        outputs = checkpoint_reference(reference, stage.config.eval_file, recipe.allow_pickle)
         for name in names:
             report[name] = validate(out / name, outputs, read_manifest(out / name)["dtypes"], thresholds)
     with staging_folder(folder, force=True) as staging:
