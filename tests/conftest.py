@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -82,30 +83,59 @@ def inputs_untouched(input_guard):
 
 
 @pytest.fixture(scope="session")
-def seg_npz(tmp_path_factory, input_guard) -> Path:
-    """A segmentation decoder file with vae-oid.npz's structure and shapes, random weights (the real
-    one cannot be downloaded here), written once per session (an input: the guard checks it)."""
-    from pgexport.exporters.seg_decoder import write_random_npz
+def shared(tmp_path_factory):
+    """(name, make) -> a folder `make(folder)` fills once for the whole run: in the first pytest
+    process that asks, while `make test`'s other processes wait on its lock and then read the same
+    folder (an export takes the best part of a minute on 2 cores; each process made its own)."""
+    import os
+    import shutil
 
-    folder = tmp_path_factory.mktemp("seg")
-    write_random_npz(folder / "vae-oid.npz")
-    input_guard.add(folder)
-    return folder / "vae-oid.npz"
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    root = (root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root) / "shared"
+    root.mkdir(exist_ok=True)
+
+    def get(name: str, make) -> Path:
+        folder, made = root / name, root / f"{name}.made"
+        with FileLock(str(root / f"{name}.lock")):
+            if not made.is_file():
+                shutil.rmtree(folder, ignore_errors=True)  # what a process that failed in `make` left
+                folder.mkdir()
+                make(folder)
+                made.write_text("")
+        return folder
+
+    return get
 
 
 @pytest.fixture(scope="session")
-def demo_run(tmp_path_factory, input_guard, seg_npz):
-    """`pgexport onnx --int8 --seg-decoder vae-oid.npz` of the demo model, gate on, once per session:
-    (folder, click result). Every test that needs the demo's graphs reads this folder (an input: the
-    guard checks it)."""
+def seg_npz(shared, input_guard) -> Path:
+    """A segmentation decoder file with vae-oid.npz's structure and shapes, random weights (the real
+    one cannot be downloaded here), written once (an input: the guard checks it)."""
+    from pgexport.exporters.seg_decoder import write_random_npz
+
+    return input_guard.add(shared("seg", lambda folder: write_random_npz(folder / "vae-oid.npz"))) / "vae-oid.npz"
+
+
+@pytest.fixture(scope="session")
+def demo_run(shared, input_guard, seg_npz):
+    """`pgexport onnx --int8 --seg-decoder vae-oid.npz` of the demo model, gate on, once: (artifact
+    folder, what the command printed: `.output` and `.stderr` as click's result has them). Every test that needs the demo's graphs reads this folder (an
+    input: the guard checks it)."""
     from click.testing import CliRunner
 
     from pgexport.cli import main
 
-    out = tmp_path_factory.mktemp("demo") / "out"
-    result = CliRunner().invoke(main, ["onnx", "--int8", "--seg-decoder", str(seg_npz), "-o", str(out)])
-    assert result.exit_code == 0, result.output
-    return input_guard.add(out), result
+    def make(folder: Path) -> None:
+        result = CliRunner().invoke(main, ["onnx", "--int8", "--seg-decoder", str(seg_npz), "-o", str(folder / "out")])
+        assert result.exit_code == 0, result.output
+        (folder / "output.txt").write_text(result.output)
+        (folder / "stderr.txt").write_text(result.stderr)
+
+    folder = shared("demo", make)
+    printed = SimpleNamespace(output=(folder / "output.txt").read_text(), stderr=(folder / "stderr.txt").read_text())
+    return input_guard.add(folder / "out"), printed
 
 
 @pytest.fixture(scope="session")
@@ -121,20 +151,22 @@ def demo_onnx(demo_run) -> Path:
 
 
 @pytest.fixture(scope="session")
-def checkpoint_factory(tmp_path_factory, input_guard):
+def checkpoint_factory(shared, input_guard):
     made = {}
 
     def make(preset: str):
         if preset not in made:
-            made[preset] = input_guard.add(random_checkpoint(preset, tmp_path_factory.mktemp(preset) / "checkpoint"))
+            folder = shared(preset, lambda folder: random_checkpoint(preset, folder / "checkpoint"))
+            made[preset] = input_guard.add(folder / "checkpoint")
         return made[preset]
 
     return make
 
 
 @pytest.fixture(scope="session")
-def artifact_factory(tmp_path_factory, checkpoint_factory, input_guard):
+def artifact_factory(shared, checkpoint_factory, input_guard):
     """preset -> (checkpoint folder, artifact folder, manifest), exported with the gate on."""
+    from pgexport.manifest import read_manifest
     from pgexport.pipeline import export_onnx
 
     made = {}
@@ -143,9 +175,9 @@ def artifact_factory(tmp_path_factory, checkpoint_factory, input_guard):
         key = (preset, int8)
         if key not in made:
             checkpoint = checkpoint_factory(preset)
-            output = tmp_path_factory.mktemp(f"{preset}-artifact") / "out"
-            manifest = export_onnx(checkpoint, output, int8=int8, progress=False)
-            made[key] = (checkpoint, input_guard.add(output), manifest)
+            name = f"{preset}-artifact{'-int8' if int8 else ''}"
+            output = shared(name, lambda folder: export_onnx(checkpoint, folder / "out", int8=int8, progress=False)) / "out"
+            made[key] = (checkpoint, input_guard.add(output), read_manifest(output))
         return made[key]
 
     return make
