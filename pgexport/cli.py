@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import NoReturn
@@ -54,12 +56,35 @@ def os_error_exit(error: OSError) -> int | None:
     return None
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a cancelled CI job, `kill`), raised where the command is: it unwinds like Ctrl-C, so
+    the staging folder and temporary files go at once, not at the next run."""
+
+
+@contextlib.contextmanager
+def terminate_as_interrupt():
+    """SIGTERM raises Terminated for the block (the main thread only: elsewhere signals stay as they are)."""
+    def terminated(signum, frame):
+        raise Terminated()
+
+    try:
+        previous = signal.signal(signal.SIGTERM, terminated)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 class Command(click.Group):
     """Turns PgExportError into its one-line message and exit code; other errors are internal."""
 
     def invoke(self, ctx):
         try:
-            return super().invoke(ctx)
+            with terminate_as_interrupt():
+                return super().invoke(ctx)
         except GateFailedError as error:
             if error.report:
                 console.print(parity_table(error.report))
@@ -74,9 +99,11 @@ class Command(click.Group):
             unsupported = missing_export_extra(error) or internal_error(error)
             click.echo(f"error: {unsupported}", err=True)
             sys.exit(unsupported.exit_code)
-        except KeyboardInterrupt:
-            click.echo("interrupted: nothing was written at the output path", err=True)
-            sys.exit(130)
+        except KeyboardInterrupt as interrupt:
+            terminated = isinstance(interrupt, Terminated)
+            click.echo(f"{'terminated' if terminated else 'interrupted'}: nothing was written at the output path",
+                       err=True)
+            sys.exit(128 + (signal.SIGTERM if terminated else signal.SIGINT))
         except OSError as error:
             code = os_error_exit(error) or internal_error(error)
             # The disk or the permissions, not pgexport: the staging folder is gone, the old output untouched.

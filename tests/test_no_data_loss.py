@@ -236,6 +236,28 @@ def test_sigkill_in_every_command_leaves_inputs_and_old_outputs(tmp_path, artifa
     # conftest's input guard checks the checkpoint and both artifacts after this test.
 
 
+def test_sigterm_removes_the_staging_folder_at_once(tmp_path, artifact_factory):
+    """SIGTERM (a cancelled CI job) while a command writes: exit 143 with one line, and nothing left
+    beside the output, where a killed run leaves its staging folder to the next run (17 GB at 3B)."""
+    _, artifact, _ = artifact_factory(PRESET)
+    output = tmp_path / "q4"
+    process = subprocess.Popen([sys.executable, "-m", "pgexport.cli", "quantize", str(artifact), "--method", "q4",
+                                "--no-validate", "-o", str(output)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               text=True)
+    trigger, deadline = _started(".q4.partial-*", "onnx/*q4*"), time.monotonic() + 300
+    try:
+        while not trigger(tmp_path) and time.monotonic() < deadline:
+            assert process.poll() is None, f"it ended before it wrote: {process.stderr.read()[-800:]}"
+            time.sleep(0.02)
+        process.send_signal(signal.SIGTERM)
+        _, errors = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 128 + signal.SIGTERM, errors
+    assert errors.strip().splitlines()[-1] == "terminated: nothing was written at the output path", errors
+    assert sorted(p.name for p in tmp_path.iterdir()) == [], "a staging folder or an output was left"
+
+
 def test_a_second_build_of_the_same_folder_exits_5_naming_the_holder(place, tmp_path):
     from pgexport.output import build_lock
 
