@@ -210,6 +210,10 @@ class OnnxPaliGemma:
         self.eos_token_id = self.processor.eos_token_id
         self.pad_token_id = self.processor.pad_token_id
         self.low_memory = low_memory
+        # The decoder opens first: the transient of its prepacking (the LM head's packed copy beside
+        # its mapped original, 2.1 GB at 3B) then comes before the other graphs are loaded. Vision
+        # and token table first, the 3B fp32 bench peaked at 14.17 GB (benchmarks/results/memory_3b.md).
+        paths = dict(sorted(paths.items(), key=lambda item: item[0] != DECODER.name))
         self.sessions = Sessions(paths, lambda graph, path: open_session(
             path, threads, providers, low_memory, prepack=not low_memory or self.graph_dtypes.get(graph) == "q4"),
             eager=not low_memory)
