@@ -50,6 +50,14 @@ def _fp32(artifact: Path, graph: str) -> Path:
     return artifact / "onnx" / f"{graph}.onnx"
 
 
+def _conv_weight_bytes(path: Path) -> int:
+    """Bytes of the fp32 Conv weights of a graph (its Conv nodes' float initializers)."""
+    model = onnx.load(str(path))
+    floats = {t.name: t for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT}
+    return sum(onnx.numpy_helper.to_array(floats[i]).nbytes for n in model.graph.node if n.op_type == "Conv"
+               for i in n.input[1:2] if i in floats)
+
+
 def _with_graphs(artifact: Path, folder: Path, graphs: dict[str, Path]) -> Path:
     """A copy of the artifact whose fp32 graph files are the given ones (so OnnxPaliGemma runs them),
     its manifest rewritten to list them (the runtime refuses graphs the manifest does not describe)."""
@@ -114,7 +122,11 @@ def test_static_int8_keeps_the_demo_answers(demo, static_graphs, tmp_path):
         ops = info["op_types"]
         assert ops.get("QuantizeLinear", 0) > 0 and ops.get("DequantizeLinear", 0) > 0, graph
         assert info["quantized_nodes"] >= 8, (graph, info)  # vision: 2 layers x 6 + projector; decoder: 4 x 7 + head
-        assert info["bytes_after"] < 0.3 * info["bytes_before"], (graph, info)
+        # The patch embedding (the one Conv) stays fp32, as it was: 0.2% of the 3B encoder, a third of the demo's.
+        conv = _conv_weight_bytes(_fp32(demo, graph))
+        assert (graph == "vision_encoder") == (conv > 0)
+        assert _conv_weight_bytes(folder / f"{graph}_int8_static.onnx") == conv, graph
+        assert info["bytes_after"] - conv < 0.3 * (info["bytes_before"] - conv), (graph, info)
     decoder = folder / "decoder_model_merged_int8_static.onnx"
     assert _dequantized_inputs(decoder)[_lm_head(demo)]
     # The decoder's overridable logits_to_keep (a graph input with a default) survives quantization.

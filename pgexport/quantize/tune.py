@@ -7,13 +7,13 @@
 relative: 0.99 keeps 99% of the fp32 graph's score. neural-compressor 3.7.1's "basic" strategy
 (strategy/basic.py) runs, stopping at the first candidate that meets the target:
   0. the fp32 graph, for the baseline;
-  1. every MatMul/Gemm/Conv in int8: the graph quantize_static_int8 writes (the tuning space is
+  1. every MatMul/Gemm in int8: the graph quantize_static_int8 writes (the tuning space is
      that config's: min/max calibration only, so the op-type-wise stage adds no variant; the
      "apply all recipes" step scores the same graph again);
   2. each quantized node alone back in fp32, from the last node up, scoring each;
   3. nodes back in fp32 cumulatively, the most helpful first (by their stage-2 score).
 At most `max_trials` candidates are scored. The best candidate is written at `dst`;
-"fell_back" lists the MatMul/Gemm/Conv nodes it keeps in fp32 that the fully quantized graph
+"fell_back" lists the MatMul/Gemm nodes it keeps in fp32 that the fully quantized graph
 had in int8. No candidate meeting the target raises GateFailedError (exit 6) with the trial
 history as its report, and nothing is written at `dst`.
 """
