@@ -214,9 +214,11 @@ class OnnxPaliGemma:
         # its mapped original, 2.1 GB at 3B) then comes before the other graphs are loaded. Vision
         # and token table first, the 3B fp32 bench peaked at 14.17 GB (benchmarks/results/memory_3b.md).
         paths = dict(sorted(paths.items(), key=lambda item: item[0] != DECODER.name))
+        # q4 graphs keep their packed weights even in low memory (see open_session). The function
+        # must not hold `self`: the cycle would keep a gate's sessions alive into the next hop.
+        q4 = {graph for graph, precision in self.graph_dtypes.items() if precision == "q4"}
         self.sessions = Sessions(paths, lambda graph, path: open_session(
-            path, threads, providers, low_memory, prepack=not low_memory or self.graph_dtypes.get(graph) == "q4"),
-            eager=not low_memory)
+            path, threads, providers, low_memory, prepack=not low_memory or graph in q4), eager=not low_memory)
 
     @cached_property
     def past_inputs(self) -> list:

@@ -253,8 +253,10 @@ def test_q4_gate_runs_the_kernels_a_user_runs(demo):
     user = check_hop(OnnxPaliGemma(artifact, dtype="q4"), reference, THRESHOLDS["q4"])
     gate = OnnxPaliGemma(artifact, dtype="q4", low_memory=True)
     assert check_hop(gate, reference, THRESHOLDS["q4"]) == user
+    from pgexport.sessions import open_session
+
     unpacked = OnnxPaliGemma(artifact, dtype="q4", low_memory=True)
-    unpacked.graph_dtypes = {}  # every graph opened as if fp32: no packed weights
+    unpacked.sessions._open = lambda graph, path: open_session(path, low_memory=True)  # no packed weights
     assert check_hop(unpacked, reference, THRESHOLDS["q4"])["prefill"] != user["prefill"]
 
 
