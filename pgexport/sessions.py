@@ -39,7 +39,8 @@ def open_session(path: str | Path, threads: int | None = None, providers: list[s
     needs it: without its packed weights onnxruntime's kernel dequantizes every weight to fp32 on
     every call, which is a different computation from the int8 one (accuracy_level 4) a user
     runs (0.6% of the largest output apart on one 2048 x 16384 MatMul) and 100x slower at one
-    token; int8 and fp32 MatMuls give the same figures either way (benchmarks/results/memory_3b.md)."""
+    token. int8 MatMuls give the same figures either way, fp32 ones within 1e-6 of the largest
+    output (benchmarks/matmul_prepacking.py, benchmarks/results/memory_3b.md)."""
     return ort.InferenceSession(str(path), session_options(threads, low_memory, prepack),
                                 providers=providers or ["CPUExecutionProvider"])
 
