@@ -121,14 +121,15 @@ def seg_npz(shared, input_guard) -> Path:
 @pytest.fixture(scope="session")
 def demo_run(shared, input_guard, seg_npz):
     """`pgexport onnx --int8 --seg-decoder vae-oid.npz` of the demo model, gate on, once: (artifact
-    folder, what the command printed: `.output` and `.stderr` as click's result has them). Every test that needs the demo's graphs reads this folder (an
-    input: the guard checks it)."""
+    folder, what the command printed: `.output` and `.stderr` as click's result has them). Every
+    test that needs the demo's graphs reads this folder (an input: the guard checks it)."""
     from click.testing import CliRunner
 
     from pgexport.cli import main
 
     def make(folder: Path) -> None:
-        result = CliRunner().invoke(main, ["onnx", "--int8", "--seg-decoder", str(seg_npz), "-o", str(folder / "out")])
+        command = ["onnx", "--int8", "--seg-decoder", str(seg_npz), "-o", str(folder / "out")]
+        result = CliRunner().invoke(main, command)
         assert result.exit_code == 0, result.output
         (folder / "output.txt").write_text(result.output)
         (folder / "stderr.txt").write_text(result.stderr)
