@@ -24,9 +24,10 @@ demo: setup
 	$(BIN)/pgexport generate $(DEMO_OUT) --image $(EVAL_IMAGES)/eval_000.png --prompt "caption en"
 
 # Test files run on every core (at most 4 processes; a file stays in one, so its module fixtures are
-# made once). `pytest -m "not slow"` skips the heaviest runs for a quick loop.
+# made once); the 15 slowest tests are listed at the end. `pytest -m "not slow"` skips the heaviest
+# runs for a quick loop.
 test: setup
-	$(BIN)/python -m pytest -q -n auto --maxprocesses 4 --dist loadfile
+	$(BIN)/python -m pytest -q -n auto --maxprocesses 4 --dist loadfile --durations 15
 
 clean:
 	rm -rf out .pytest_cache
