@@ -53,7 +53,7 @@ stage() {
     bench) measure bench "pgexport bench CHECKPOINT ARTIFACT --batch 1 (eager fp32, ORT fp32 and int8)" \
              $PG bench "$CK" "$ART" --batch 1 --runs 1 --new-tokens 8 --json "$WORK/bench.json" ;;
     build) sed "s|CHECKPOINT|$CK|" benchmarks/recipes/3b.yaml > "$WORK/3b.yaml"
-           measure build "pgexport build of a 3B recipe (onnx --int8, validate, bench)" \
+           measure build "pgexport build of a 3B recipe (onnx --int8 with its gate, bench, verify)" \
              $PG build "$WORK/3b.yaml" -o "$WORK/build" --force --json ;;
     *) echo "unknown stage $1" >&2; exit 2 ;;
   esac
