@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 METHODS = {  # label -> quantize_artifact options (pgexport.config.QuantizeConfig)
-    "int8 (vision+decoder)": dict(methods=["int8"]),
+    "int8 (vision+decoder)": dict(methods=["int8"], embed="fp32"),  # the token table left fp32
     "int8 + int8 table": dict(methods=["int8"], embed="int8"),
     "int8-static": dict(methods=["int8-static"], embed="int8"),
     "int8-static, tuned to 0.99999": dict(methods=["int8-static"], embed="int8", accuracy_target=0.99999),
@@ -165,8 +165,11 @@ def report(demo_json: Path, timing_json: Path, rss_jsonl: Path, compare_3b_json:
     lines = ["# Quantization results", "",
              "Produced by `benchmarks/quantize_demo.py` (demo model, then `--compare` for timings), "
              "`benchmarks/quantize_3b.sh` (3B shapes) and `python benchmarks/quantize_demo.py --report "
-             "benchmarks/results/quantize.md` (this file, from the JSON beside it). Machine: 2 shared CPU cores "
-             "(AMD EPYC, avx512), 24 GB RAM, onnxruntime 1.32; other jobs ran at the same time (load 4-9), so "
+             "benchmarks/results/quantize.md` (this file, from the JSON beside it). Machines: 2 shared CPU cores, "
+             "24 GB RAM, onnxruntime 1.32. The demo table's sizes, parity and exact match were last run "
+             "whole on an Intel Xeon (AVX-512 VNNI + AMX), 2026-12-02; its decode column is the `--compare` "
+             "timing run on AMD EPYC (avx512), 2026-11-27 (quantize_demo_timing.json; the decoders it timed "
+             "are unchanged since). The 3B tables are from AMD EPYC with other jobs running (load 4-9), so "
              "timings are indicative: compare rows of one table, not across tables.", "",
              "## Demo model (trained, 7.6 MB fp32): against PyTorch fp32", "",
              "Greedy tokens: 3 left-padded samples x 16 new tokens, agreement = share of steps before the first "
