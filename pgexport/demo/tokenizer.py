@@ -30,9 +30,9 @@ SPACE = "\u2581"  # "▁", SentencePiece's space
 WORD_SCORE, CHAR_SCORE = -1.0, -10.0
 
 
-def _pieces() -> list[tuple[str, float]]:
+def _pieces(words: tuple[str, ...] | list[str]) -> list[tuple[str, float]]:
     pieces = [(token, 0.0) for token in SPECIAL_TOKENS]
-    for word in WORDS:
+    for word in words:
         pieces += [(word, WORD_SCORE), (SPACE + word, WORD_SCORE)]
     pieces += [("\n", WORD_SCORE), (SPACE, CHAR_SCORE)]
     known = {piece for piece, _ in pieces}
@@ -41,9 +41,10 @@ def _pieces() -> list[tuple[str, float]]:
     return pieces
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
-    """The demo tokenizer (deterministic), wrapped for transformers; save it with `save_pretrained`."""
-    backend = Tokenizer(models.Unigram(_pieces(), unk_id=SPECIAL_TOKENS.index("<unk>"), byte_fallback=False))
+def build_tokenizer(words: tuple[str, ...] | list[str] = tuple(WORDS)) -> PreTrainedTokenizerFast:
+    """The demo tokenizer (deterministic) with one piece per word of `words` (default: the demo
+    task's), wrapped for transformers; save it with `save_pretrained`."""
+    backend = Tokenizer(models.Unigram(_pieces(words), unk_id=SPECIAL_TOKENS.index("<unk>"), byte_fallback=False))
     backend.normalizer = normalizers.Replace(" ", SPACE)
     backend.decoder = decoders.Replace(SPACE, " ")
     # PaliGemma's processor writes <bos> into the prompt itself; the suffix (text pair) gets type id 1.
