@@ -47,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from scenes import COLORS, LOC_BINS, SHAPES, STEP, box_bins, loc_tokens, mask_crop, random_scene  # noqa: E402
 from vqvae import WORK, Encoder, encode  # noqa: E402
 
+from pgexport.demo.task import question as text_question  # noqa: E402
 from pgexport.demo.tokenizer import IMAGE_TOKEN, build_tokenizer  # noqa: E402
 from pgexport.exporters.seg_decoder import load_seg_decoder  # noqa: E402
 from pgexport.structured import parse_detections, paste_mask  # noqa: E402
@@ -74,17 +75,9 @@ class Tasks:
 
     def question(self, scene, kind: str, rng: random.Random) -> tuple[str, str] | None:
         shapes = scene.shapes
+        if kind in ("caption", "color", "count"):  # v1's questions: they read only colour, kind and order
+            return text_question(shapes, kind, rng)
         locs = [loc_tokens(box_bins(box, scene.width, scene.height)) for box in scene.boxes]
-        if kind == "caption":
-            return "caption en", " and ".join(f"{s.color} {s.kind}" for s in shapes)
-        if kind == "count":
-            return "how many shapes?", str(len(shapes))
-        if kind == "color":
-            unique = [s for s in shapes if sum(t.kind == s.kind for t in shapes) == 1]
-            if not unique:
-                return None
-            shape = rng.choice(unique)
-            return f"what color is the {shape.kind}?", shape.color
         present = sorted({s.kind for s in shapes})
         if kind == "detect":
             asked = rng.sample(present, rng.randint(1, min(2, len(present))))
