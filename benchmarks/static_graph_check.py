@@ -10,15 +10,15 @@ import sys
 
 import numpy as np
 
+from pgexport.metrics import row_cosines
 from pgexport.runtime import OnnxPaliGemma
 from pgexport.validate import default_samples
 from pgexport.contract import DECODER, LOGITS
 
 art, graph = sys.argv[1], sys.argv[2]
 images, prompts = zip(*default_samples())
-def cos(a, b):
-    a, b = a.reshape(a.shape[0], -1).astype(np.float64), b.reshape(b.shape[0], -1).astype(np.float64)
-    return (a*b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+def cos(a, b):  # per prompt, over everything else, in float64
+    return row_cosines(a.reshape(a.shape[0], -1).astype(np.float64), b.reshape(b.shape[0], -1).astype(np.float64))
 res = {}
 for name, dtype in (("fp32", "fp32"), ("static", {graph: "int8-static"})):
     rt = OnnxPaliGemma(art, dtype=dtype, low_memory=True)

@@ -18,6 +18,7 @@ import onnx
 import onnxruntime as ort
 
 from pgexport import random_model as rm
+from pgexport.metrics import row_cosines
 from pgexport.quantize.calibration import calibration_feeds
 from pgexport.quantize import static
 from pgexport.quantize.static import quantize_static_int8
@@ -45,8 +46,8 @@ for n in m.graph.node:
          "qkv" if n.input[0].startswith("layer_norm") else "out_proj")
     classes[n.name] = c
 print({c: list(classes.values()).count(c) for c in set(classes.values())})
-def cos(a, b):
-    a, b = a.reshape(-1).astype(np.float64), b.reshape(-1).astype(np.float64); return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+def cos(a, b):  # over the whole array, in float64
+    return float(row_cosines(a.reshape(1, -1).astype(np.float64), b.reshape(1, -1).astype(np.float64))[0])
 default_ops = static.COMPUTE_OPS
 for only in ["default", "all", *sorted(set(classes.values()))]:
     static.COMPUTE_OPS = default_ops if only == "default" else (*default_ops, "Conv")
