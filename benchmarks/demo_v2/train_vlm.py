@@ -18,12 +18,17 @@ count; for detect the share of true boxes matched (same label, one to one, best 
 for segment the mean mask IoU over true objects (0 for one not found), the predicted codes decoded by
 the VQ-VAE's decoder and pasted into the predicted box (pgexport.structured.paste_mask).
 
-Training levers (flags): the loss is each row's mean token loss averaged over the batch (long segment
-answers would otherwise dominate); location targets are spread over neighbouring levels
-(--loc-sigma, in levels; 0 = one-hot) so that a near miss costs less than a far one; --aux W adds a
-training-only head on the vision tower's patch features that names the shape (colour and kind) under
-each patch centre, or background, and regresses that shape's box (weight W; the head is not part of
-the saved model, which stays a plain PaliGemma).
+Training, in two stages (the defaults are the kept recipe; about an hour on 2 cores):
+1. --vision-steps: the vision tower alone with a training-only patch head (--aux) that names the shape
+   (colour and kind) under each patch centre, or background, and regresses that shape's box. This is
+   where the kinds and boxes are learnt: a step costs a quarter of a whole-model step, and the text
+   loss alone taught the tower neither (runs 1-6 in the README).
+2. --steps: the whole model on the five prompt kinds, the patch head's loss still added (weight --aux).
+The loss is each row's mean token loss averaged over the batch (long segment answers would otherwise
+dominate); location targets are spread over neighbouring levels (--loc-sigma, in levels; 0 = one-hot)
+so that a near miss costs less than a far one. The vision positions start as 2D sin-cos codes and the
+1024 location tokens as 1D sin-cos codes of their bin (--no-sincos: random). The patch head is not
+part of the saved model, which stays a plain PaliGemma.
 Results: benchmarks/demo_v2/README.md."""
 
 from __future__ import annotations
@@ -106,11 +111,13 @@ class Tasks:
 SHAPE_CLASSES = [(color, kind) for color in COLORS for kind in SHAPES]  # class 0 is the background
 
 
-def patch_targets(scene, grid: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per patch of the resized image (row-major): the class of the shape under its centre (0: none)
-    and that shape's box as fractions of the image (x0, y0, x1, y1; zeros on background)."""
+def patch_targets(scene, grid: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per patch of the resized image (row-major): the class of the shape under its centre (0: none),
+    that shape's box as fractions of the image (x0, y0, x1, y1; zeros on background) and as the
+    answer's four location bins (y0, x0, y1, x1)."""
     classes = torch.zeros(grid * grid, dtype=torch.long)
     boxes = torch.zeros(grid * grid, 4)
+    bins = torch.zeros(grid * grid, 4, dtype=torch.long)
     for r in range(grid):
         for c in range(grid):
             x = min(scene.width - 1, int((c + 0.5) / grid * scene.width))
@@ -120,28 +127,94 @@ def patch_targets(scene, grid: int) -> tuple[torch.Tensor, torch.Tensor]:
                     classes[r * grid + c] = 1 + SHAPE_CLASSES.index((shape.color, shape.kind))
                     boxes[r * grid + c] = torch.tensor([box[0] / scene.width, box[1] / scene.height,
                                                         box[2] / scene.width, box[3] / scene.height])
-    return classes, boxes
+                    bins[r * grid + c] = torch.tensor(box_bins(box, scene.width, scene.height))
+    return classes, boxes, bins
 
 
 class PatchHead(torch.nn.Module):
-    """Training-only: the vision tower's patch features -> shape class and box (see --aux)."""
+    """Training-only: the vision tower's patch features -> shape class and box (see --aux). The class
+    loss is the mean over shape patches plus half the mean over background ones (background is most
+    patches; a plain mean let the kinds be learnt 2x slower), the box loss an L1 on the shape's box in
+    fractions of the image, on every patch whose centre the shape covers."""
 
-    def __init__(self, model, width: int):
+    classes = 1 + len(SHAPE_CLASSES)
+
+    def __init__(self, model, width: int, box_weight: float, loc_weight: float = 0.0, loc_first: int = 0,
+                 sigma: float = 1.0):
         super().__init__()
-        self.linear = torch.nn.Linear(width, 1 + len(SHAPE_CLASSES) + 4)
+        self.linear = torch.nn.Linear(width, self.classes + 4)
+        self.box_weight, self.loc_weight, self.sigma = box_weight, loc_weight, sigma
+        # --aux-loc: four vectors per patch scored against the decoder's own (tied) location-token
+        # embeddings, so the tower learns features from which the answer's bins are a linear read
+        self.loc = torch.nn.Linear(width, 4 * width) if loc_weight > 0 else None
+        self.table = lambda: model.get_input_embeddings().weight  # not a parameter of the head
+        self.loc_first = loc_first
         self.features = None
         model.model.vision_tower.register_forward_hook(lambda module, args, out: setattr(self, "features", out.last_hidden_state))
 
     def loss(self, rows: list[dict], grid: int) -> torch.Tensor:
         out = self.linear(self.features)
-        targets = [patch_targets(r["scene"], grid) for r in rows]
-        classes = torch.stack([t[0] for t in targets])
-        boxes = torch.stack([t[1] for t in targets])
-        loss = F.cross_entropy(out[..., :1 + len(SHAPE_CLASSES)].reshape(-1, 1 + len(SHAPE_CLASSES)), classes.reshape(-1))
+        classes, boxes, bins = (torch.stack(t) for t in zip(*(patch_targets(r["scene"], grid) for r in rows)))
+        ce = F.cross_entropy(out[..., :self.classes].reshape(-1, self.classes), classes.reshape(-1),
+                             reduction="none").reshape(classes.shape)
         shape = classes > 0
-        if shape.any():
-            loss = loss + F.l1_loss(torch.sigmoid(out[..., -4:])[shape], boxes[shape]) * 10
+        loss = ce[shape].mean() + 0.5 * ce[~shape].mean()
+        loss = loss + self.box_weight * F.l1_loss(torch.sigmoid(out[..., -4:])[shape], boxes[shape])
+        if self.loc is not None:
+            logp = self.loc_logp(self.features[shape])
+            loss = loss + self.loc_weight * spread_nll(logp.reshape(-1, LOC_BINS), bins[shape].reshape(-1), self.sigma).mean()
         return loss
+
+    def loc_logp(self, features: torch.Tensor) -> torch.Tensor:
+        """[n, 4, LOC_BINS] log-probabilities of the four bins from n patch features."""
+        table = self.table()[self.loc_first:self.loc_first + LOC_BINS]
+        return F.log_softmax(self.loc(features).reshape(len(features), 4, -1) @ table.T, -1)
+
+    @torch.no_grad()
+    def probe(self, model, processor, rows: list[dict], grid: int) -> dict:
+        """What the vision tower alone sees in held-out scenes: per shape, whether the majority class
+        of the patches it covers is its colour and kind, and the IoU of their mean box."""
+        pixels = processor.image_processor([r["scene"].image for r in rows], return_tensors="pt")["pixel_values"]
+        out = self.linear(model.model.vision_tower(pixels).last_hidden_state)  # the hook keeps self.features
+        predicted, found = out[..., :self.classes].argmax(-1), torch.sigmoid(out[..., -4:])
+        right, ious, loc_ious = [], [], []
+        for i, row in enumerate(rows):
+            classes, boxes, bins = patch_targets(row["scene"], grid)
+            for shape in row["scene"].shapes:
+                c = 1 + SHAPE_CLASSES.index((shape.color, shape.kind))
+                where = (classes == c).nonzero()[:, 0]
+                if len(where):
+                    right.append(float(torch.mode(predicted[i, where]).values.item() == c))
+                    ious.append(box_iou(found[i, where].mean(0).tolist(), boxes[where[0]].tolist()))
+                    if self.loc is not None:  # the bins the loc head's summed log-probabilities pick, as a box
+                        y0, x0, y1, x1 = self.loc_logp(self.features[i, where]).sum(0).argmax(-1).tolist()
+                        ty0, tx0, ty1, tx1 = bins[where[0]].tolist()
+                        loc_ious.append(box_iou((x0, y0, x1 + 1, y1 + 1), (tx0, ty0, tx1 + 1, ty1 + 1)))
+        probe = {"shapes": len(right), "class": round(float(np.mean(right)), 3), "box_iou": round(float(np.mean(ious)), 3),
+                 "box_iou>=0.5": round(float(np.mean(np.array(ious) >= 0.5)), 3)}
+        if loc_ious:
+            probe.update(loc_iou=round(float(np.mean(loc_ious)), 3), **{"loc_iou>=0.5": round(float(np.mean(np.array(loc_ious) >= 0.5)), 3)})
+        return probe
+
+
+def sincos(count: int, dim: int, scale: float) -> torch.Tensor:
+    """[count, dim] sin-cos codes of 0..count-1 (frequencies 1/count .. 1 cycles a step), times scale."""
+    freqs = 1.0 / (count ** (torch.arange(dim // 2) / (dim // 2)))
+    angles = torch.arange(count).float()[:, None] * freqs[None, :]
+    return torch.cat([torch.sin(angles), torch.cos(angles)], 1) * scale
+
+
+def init_positions(model, grid: int, width: int, loc_first: int) -> None:
+    """Start the vision tower's position embeddings as 2D sin-cos codes (row code, column code) and
+    the 1024 location tokens' embeddings as 1D sin-cos codes of their bin, so near positions and near
+    bins start near; both stay trainable."""
+    rows = sincos(grid, width // 2, 1.0)
+    table = torch.cat([rows[:, None, :].expand(grid, grid, -1), rows[None, :, :].expand(grid, grid, -1)], -1)
+    embed = model.get_input_embeddings().weight
+    with torch.no_grad():
+        dict(model.model.vision_tower.named_parameters())["embeddings.position_embedding.weight"].copy_(
+            table.reshape(grid * grid, width))
+        embed[loc_first:loc_first + LOC_BINS] = sincos(LOC_BINS, width, embed.std().item() * math.sqrt(2))
 
 
 def build(args, tokenizer) -> tuple[PaliGemmaForConditionalGeneration, PaliGemmaProcessor]:
@@ -164,6 +237,17 @@ def build(args, tokenizer) -> tuple[PaliGemmaForConditionalGeneration, PaliGemma
     return model, PaliGemmaProcessor(image_processor=image_processor, tokenizer=tokenizer)
 
 
+def spread_nll(logp: torch.Tensor, bins: torch.Tensor, sigma: float, first: int = 0) -> torch.Tensor:
+    """-log p of location `bins` [n] under log-probabilities `logp` [n, V] (bin b at column first + b),
+    the target spread over levels +-3 with a Gaussian of `sigma` levels (answers use every STEP-th bin)."""
+    offsets = torch.arange(-3, 4)
+    neighbours = bins[:, None] + STEP * offsets[None, :]
+    valid = (neighbours >= 0) & (neighbours < LOC_BINS)
+    weights = torch.exp(-0.5 * (offsets.float() / sigma) ** 2)[None, :] * valid
+    weights = weights / weights.sum(1, keepdim=True)
+    return -(weights * logp.gather(-1, neighbours.clamp(0, LOC_BINS - 1) + first)).sum(1)
+
+
 def loss_of(model, batch, loc_first: int, sigma: float) -> torch.Tensor:
     """Mean over rows of each row's mean token loss; location targets spread over levels +-3 with a
     Gaussian of `sigma` levels (answers use every STEP-th bin)."""
@@ -177,16 +261,8 @@ def loss_of(model, batch, loc_first: int, sigma: float) -> torch.Tensor:
     if sigma > 0:
         is_loc = keep & (target >= loc_first) & (target < loc_first + LOC_BINS)
         if is_loc.any():
-            bins = target[is_loc] - loc_first
-            lp = logp[is_loc]
-            offsets = torch.arange(-3, 4)
-            neighbours = bins[:, None] + STEP * offsets[None, :]
-            valid = (neighbours >= 0) & (neighbours < LOC_BINS)
-            weights = torch.exp(-0.5 * (offsets.float() / sigma) ** 2)[None, :] * valid
-            weights = weights / weights.sum(1, keepdim=True)
-            picked = lp.gather(-1, (neighbours.clamp(0, LOC_BINS - 1) + loc_first))
             nll = nll.clone()
-            nll[is_loc] = -(weights * picked).sum(1)
+            nll[is_loc] = spread_nll(logp[is_loc], target[is_loc] - loc_first, sigma, loc_first)
     per_row = (nll * keep).sum(1) / keep.sum(1).clamp(min=1)
     return per_row.mean()
 
@@ -257,9 +333,23 @@ def score(tasks: Tasks, rows: list[dict], predicted: list[str]) -> dict:
     return {kind: round(float(np.mean(v)), 4) if v else None for kind, v in per.items()}
 
 
+def scenes(n: int, seed: str) -> list:
+    rng = random.Random(seed)
+    return [random_scene(rng) for _ in range(n)]
+
+
+def schedule(warmup: int, steps: int):
+    """Linear warm-up, then cosine decay to 5% of the peak."""
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+    return factor
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--steps", type=int, default=2800)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1.5e-3)
     parser.add_argument("--warmup", type=int, default=100)
@@ -269,8 +359,17 @@ def main() -> None:
     parser.add_argument("--vision-layers", type=int, default=3)
     parser.add_argument("--text-layers", type=int, default=4)
     parser.add_argument("--loc-sigma", type=float, default=1.0, help="location target spread in levels (0: one-hot)")
-    parser.add_argument("--aux", type=float, default=0.0, help="weight of the training-only patch head's loss (0: none)")
-    parser.add_argument("--eval-every", type=int, default=500)
+    parser.add_argument("--aux", type=float, default=1.0, help="weight of the training-only patch head's loss (0: none)")
+    parser.add_argument("--aux-box", type=float, default=10.0, help="weight of the patch head's box loss inside it")
+    parser.add_argument("--aux-loc", type=float, default=0.0,
+                        help="weight of the patch head's location-bin loss through the decoder's loc embeddings (0: none)")
+    parser.add_argument("--vision-steps", type=int, default=3000,
+                        help="steps of the vision tower and patch head alone before the whole model (needs --aux)")
+    parser.add_argument("--vision-lr", type=float, default=1.5e-3)
+    parser.add_argument("--vision-lr-scale", type=float, default=1.0,
+                        help="the vision tower's learning rate in the whole-model stage, as a fraction of --lr")
+    parser.add_argument("--no-sincos", action="store_true", help="random, not sin-cos, initial positions and loc embeddings")
+    parser.add_argument("--eval-every", type=int, default=700)
     parser.add_argument("--eval-rows", type=int, default=200, help="rows per held-out set in the final score")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=WORK / "vlm")
@@ -286,20 +385,47 @@ def main() -> None:
           f"{(args.image_size // args.patch) ** 2} image tokens; {json.dumps(vars(args), default=str)}", flush=True)
     held_a = tasks.split(args.eval_rows, "demo-v2-eval-a")
     held_b = tasks.split(args.eval_rows, "demo-v2-eval-b", other=True)
-    head = PatchHead(model, args.width) if args.aux > 0 else None
     grid = args.image_size // args.patch
-    params = list(model.parameters()) + (list(head.parameters()) if head else [])
-    optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
-
-    def factor(step: int) -> float:
-        if step < args.warmup:
-            return (step + 1) / args.warmup
-        progress = (step - args.warmup) / max(1, args.steps - args.warmup)
-        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    if not args.no_sincos:
+        init_positions(model, grid, args.width, loc_first)
+    head = PatchHead(model, args.width, args.aux_box, args.aux_loc, loc_first, args.loc_sigma) if args.aux > 0 else None
     model.train()
-    started, losses = time.perf_counter(), []
+    started, log = time.perf_counter(), {"vision": [], "vlm": []}
+    if head is not None and args.vision_steps:
+        vision = model.model.vision_tower
+        params = list(vision.parameters()) + list(head.parameters())
+        groups = [{"params": params}]
+        if head.loc is not None:  # the loc embeddings the head scores against learn too (no decay: most rows get no gradient)
+            groups.append({"params": [head.table()], "weight_decay": 0.0})
+        optimizer = torch.optim.AdamW(groups, lr=args.vision_lr, betas=(0.9, 0.98), weight_decay=0.01)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule(args.warmup, args.vision_steps))
+        losses = []
+        for step in range(args.vision_steps):
+            rows = [{"scene": scene} for scene in scenes(args.batch, f"demo-v2-vision-{step}")]
+            vision(processor.image_processor([r["scene"].image for r in rows], return_tensors="pt")["pixel_values"])
+            loss = head.loss(rows, grid)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+            if (step + 1) % 250 == 0 or step + 1 == args.vision_steps:
+                paused = time.perf_counter()
+                probe = head.probe(model, processor, held_a[:100], grid)
+                log["vision"].append({"step": step + 1, "loss": round(float(np.mean(losses[-250:])), 4), **probe})
+                started += time.perf_counter() - paused
+                print(f"vision step {step + 1} loss {np.mean(losses[-250:]):.4f} {time.perf_counter() - started:.0f} s; "
+                      f"held-out A: {probe}", flush=True)
+
+    vision_params = list(model.model.vision_tower.parameters())
+    in_vision = {id(p) for p in vision_params}
+    rest = [p for p in model.parameters() if id(p) not in in_vision] + (list(head.parameters()) if head else [])
+    params = vision_params + rest
+    optimizer = torch.optim.AdamW([{"params": rest}, {"params": vision_params, "lr": args.lr * args.vision_lr_scale}],
+                                  lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule(args.warmup, args.steps))
+    losses = []
     for step in range(args.steps):
         rows = tasks.split(args.batch, f"demo-v2-train-{step}")
         loss = loss_of(model, batch_of(processor, rows), loc_first, args.loc_sigma)
@@ -316,11 +442,16 @@ def main() -> None:
         if (step + 1) % 50 == 0:
             print(f"step {step + 1} loss {np.mean(losses[-50:]):.4f} {time.perf_counter() - started:.0f} s", flush=True)
         if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
+            paused = time.perf_counter()
             sample = held_a[:50]
-            print(f"step {step + 1} held-out A (50 rows): {score(tasks, sample, answers(model, processor, sample))}",
-                  flush=True)
+            scores = score(tasks, sample, answers(model, processor, sample))
+            probe = head.probe(model, processor, held_a[:100], grid) if head else None
+            log["vlm"].append({"step": step + 1, "loss": round(float(np.mean(losses[-50:])), 4), "A50": scores, "probe": probe})
+            started += time.perf_counter() - paused
+            print(f"step {step + 1} held-out A (50 rows): {scores}; vision probe {probe}", flush=True)
     seconds = time.perf_counter() - started
-    results = {"steps": args.steps, "train_seconds": round(seconds), "args": {k: str(v) for k, v in vars(args).items()}}
+    results = {"steps": args.steps, "train_seconds": round(seconds), "args": {k: str(v) for k, v in vars(args).items()},
+               "log": log}
     for name, rows in (("A", held_a), ("B", held_b)):
         predicted = answers(model, processor, rows)
         results[name] = score(tasks, rows, predicted)
