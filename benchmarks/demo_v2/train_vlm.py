@@ -347,6 +347,16 @@ def schedule(warmup: int, steps: int):
     return factor
 
 
+def update(loss: torch.Tensor, params: list, optimizer, scheduler) -> float:
+    """One optimizer step on `loss` (gradients clipped to norm 1); returns the loss."""
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.item()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=2800)
@@ -403,13 +413,7 @@ def main() -> None:
         for step in range(args.vision_steps):
             rows = [{"scene": scene} for scene in scenes(args.batch, f"demo-v2-vision-{step}")]
             vision(processor.image_processor([r["scene"].image for r in rows], return_tensors="pt")["pixel_values"])
-            loss = head.loss(rows, grid)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.item())
+            losses.append(update(head.loss(rows, grid), params, optimizer, scheduler))
             if (step + 1) % 250 == 0 or step + 1 == args.vision_steps:
                 paused = time.perf_counter()
                 probe = head.probe(model, processor, held_a[:100], grid)
@@ -429,16 +433,8 @@ def main() -> None:
     for step in range(args.steps):
         rows = tasks.split(args.batch, f"demo-v2-train-{step}")
         loss = loss_of(model, batch_of(processor, rows), loc_first, args.loc_sigma)
-        if head is not None:
-            aux = head.loss(rows, grid)
-            (loss + args.aux * aux).backward()
-        else:
-            loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+        update(loss + args.aux * head.loss(rows, grid) if head is not None else loss, params, optimizer, scheduler)
+        losses.append(loss.item())  # the text loss alone
         if (step + 1) % 50 == 0:
             print(f"step {step + 1} loss {np.mean(losses[-50:]):.4f} {time.perf_counter() - started:.0f} s", flush=True)
         if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
