@@ -468,7 +468,7 @@ def main() -> None:
             probe = head.probe(model, processor, held_a[:100], grid) if head else None
             log["vlm"].append({"step": step + 1, "loss": round(float(np.mean(losses[-50:])), 4), "A50": scores, "probe": probe})
             started += time.perf_counter() - paused
-            print(f"step {step + 1} held-out A (50 rows): {scores}; vision probe {probe}", flush=True)
+            print(f"step {step + 1} held-out A ({len(sample)} rows): {scores}; vision probe {probe}", flush=True)
     seconds = time.perf_counter() - started
     results = {"steps": args.steps, "train_seconds": round(seconds), "args": {k: str(v) for k, v in vars(args).items()},
                "log": log}
