@@ -220,7 +220,8 @@ class PatchHead(torch.nn.Module):
 
 
 def sincos(count: int, dim: int, scale: float) -> torch.Tensor:
-    """[count, dim] sin-cos codes of 0..count-1 (frequencies 1/count .. 1 cycles a step), times scale."""
+    """[count, dim] sin-cos codes of 0..count-1 (angular frequencies from 1 down to about 1/count radian a
+    step), times scale."""
     freqs = 1.0 / (count ** (torch.arange(dim // 2) / (dim // 2)))
     angles = torch.arange(count).float()[:, None] * freqs[None, :]
     return torch.cat([torch.sin(angles), torch.cos(angles)], 1) * scale
