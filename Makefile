@@ -20,8 +20,9 @@ EVAL_IMAGES := pgexport/demo/data/images
 # (expected: "blue", then "red triangle and yellow triangle and red circle"; see pgexport/demo/data/eval.jsonl).
 demo: setup
 	$(BIN)/pgexport onnx --int8 -o $(DEMO_OUT) --force
-	$(BIN)/pgexport generate $(DEMO_OUT) --image $(EVAL_IMAGES)/eval_001.png --prompt "what color is the circle?"
+	$(BIN)/pgexport generate $(DEMO_OUT) --image $(EVAL_IMAGES)/eval_001.png --prompt "what color is the triangle?"
 	$(BIN)/pgexport generate $(DEMO_OUT) --image $(EVAL_IMAGES)/eval_000.png --prompt "caption en"
+	$(BIN)/pgexport generate $(DEMO_OUT) --image $(EVAL_IMAGES)/eval_004.png --prompt "segment square" --draw $(DEMO_OUT)-segment.png
 
 # Test files run on every core (at most 4 processes; a file stays in one, so its module fixtures are
 # made once); the 15 slowest tests are listed at the end. `pytest -m "not slow"` skips the heaviest

@@ -71,6 +71,16 @@ def default_model() -> str:
     return str(CHECKPOINT_DIR)
 
 
+def seg_decoder_of(model: str | Path | None, given: str | None) -> str | None:
+    """--seg-decoder's file: the one given, else the demo model's own (its segment answers then come
+    back as masks), else None."""
+    from pgexport.demo import CHECKPOINT_DIR, SEG_DECODER_FILE
+
+    if given is None and (model is None or Path(model).resolve() == CHECKPOINT_DIR.resolve()):
+        return str(SEG_DECODER_FILE)
+    return given
+
+
 def checkpoint_sha256(folder: Path) -> str:
     """One hash over the folder's weight files (names and bytes), in name order."""
     digest = hashlib.sha256()

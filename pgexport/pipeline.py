@@ -6,7 +6,7 @@ import contextlib
 import os
 import shutil
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from rich.console import Console
@@ -20,7 +20,7 @@ from pgexport.contract import GRAPH_NAMES, graph_path
 from pgexport.exporters import ort_format
 from pgexport.exporters.onnx import export_graphs
 from pgexport.exporters.seg_decoder import load_seg_decoder
-from pgexport.load import Checkpoint, default_model, load_checkpoint
+from pgexport.load import Checkpoint, default_model, load_checkpoint, seg_decoder_of
 from pgexport.manifest import MANIFEST, read_manifest, require_files, sha256_file, write_manifest
 from pgexport.memory import release_freed
 from pgexport.output import check_output, staging_folder
@@ -82,6 +82,7 @@ def export_onnx(model: str | Path | None = None, output: str | Path = "out", con
     from pgexport.validate import eval_rows_for, logits_on_disk, reference_outputs, validate as run_gate
 
     output, config = Path(output), make(ExportConfig, config, **options)
+    config = replace(config, seg_decoder=seg_decoder_of(model, config.seg_decoder))
     variants = plan_variants(methods_of(config), config.graphs())
     inputs = [model if model is not None else default_model(), config.eval_file, config.calibration, config.seg_decoder]
     dtypes = ["fp32", *variants]

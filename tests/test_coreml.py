@@ -111,12 +111,12 @@ def test_conversion_writes_checked_packages(int4_artifact):
     for name in ("tokenizer.json", "tokenizer_config.json", "prompt_layout.json", "README.md", "config.json", "paligemma_structured.swift"):
         assert (output / name).is_file(), name
     layout = json.loads((output / "prompt_layout.json").read_text())
-    assert layout["special_ids"]["image"] == 1250 and layout["num_image_tokens"] == 16 and layout["max_context"] == 64
+    assert layout["special_ids"]["image"] == 1252 and layout["num_image_tokens"] == 36 and layout["max_context"] == 64
     assert "makeState()" in (output / "README.md").read_text()
     decoder = load_spec(output / "decoder.mlpackage")
     assert decoder.specificationVersion >= 9  # iOS18
     assert [s.name for s in decoder.description.state] == ["key_cache", "value_cache"]
-    assert list(decoder.description.state[0].type.stateType.arrayType.shape) == [4, 1, 1, 64, 32]
+    assert list(decoder.description.state[0].type.stateType.arrayType.shape) == [4, 1, 1, 64, 48]  # layers, batch, kv heads, context, head dim
     ops = program_ops(decoder)
     assert ops["slice_update"] >= 8 and ops["write_state"] >= 8 and ops["read_state"] >= 2
     assert ops["constexpr_blockwise_shift_scale"] > 0
@@ -178,7 +178,7 @@ def test_runtime_parity_on_macos(int4_artifact):
         (["--target", "iOS17"], 7, "needs iOS18 or macOS15"),
         (["--compress", "int3"], 2, "Invalid value for '--compress'"),
         (["--max-context", "100000"], 4, "longer than the model's 8192 positions"),
-        (["--max-context", "10"], 4, "leaves no room after the 16 image tokens"),
+        (["--max-context", "10"], 4, "leaves no room after the 36 image tokens"),
     ],
 )
 def test_bad_input_fails_before_any_work(args, code, message, tmp_path):

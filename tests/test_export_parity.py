@@ -119,8 +119,9 @@ def test_gate_never_holds_vision_and_decoder_together(demo_onnx):
     """The parity gate's low-memory runtime opens each session on first use and closes the vision
     encoder's after its run; the gate computes the prompt's embeddings first, so the vision and
     decoder weights are never loaded together (a 3B fp16 artifact's three sessions take 13.8 GB
-    on CPU). The report is the one the all-sessions-open runtime gives, figure for figure, with the
-    reference's logits read from disk (validate.logits_on_disk) as the commands hold them."""
+    on CPU). The report is the one the all-sessions-open runtime gives (tokens, verdict; logit
+    figures to the last bits), with the reference's logits read from disk (validate.logits_on_disk)
+    as the commands hold them."""
     from pgexport.load import load_checkpoint
     from pgexport.sessions import Sessions
     from pgexport.validate import THRESHOLDS, check_hop, logits_on_disk, reference_outputs
@@ -145,7 +146,13 @@ def test_gate_never_holds_vision_and_decoder_together(demo_onnx):
             runtime = OnnxPaliGemma(demo_onnx, dtype=dtype, low_memory=True)
             runtime.sessions = Recording(runtime.sessions.paths, runtime.sessions._open, eager=False)
             lazy = check_hop(runtime, reference, THRESHOLDS[dtype])
-            assert lazy == eager[dtype] and lazy["passed"]
+            assert lazy["passed"] and lazy["tokens"] == eager[dtype]["tokens"]
+            assert lazy.get("exact_match") == eager[dtype].get("exact_match")
+            # fp32 weights prepacked (eager) or read in place (low_memory) split the sums otherwise:
+            # last-bit differences (1e-6 of the range for fp32 MatMuls), widened by int8's rounding
+            for stage in ("prefill", "decode"):
+                assert lazy[stage]["max_rel_diff"] == pytest.approx(eager[dtype][stage]["max_rel_diff"], abs=1e-3)
+                assert lazy[stage]["min_cosine"] == pytest.approx(eager[dtype][stage]["min_cosine"], abs=1e-4)
     assert opened.count("vision_encoder") == 2 and "decoder_model_merged" in opened
     assert not any({"vision_encoder", "decoder_model_merged"} <= open_now for open_now in together)
 

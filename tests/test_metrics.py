@@ -16,6 +16,7 @@ from pgexport.metrics import (
     LogitStats,
     logit_stats,
     max_rel_diff,
+    object_scores,
     row_cosines,
     score_answers,
     token_agreement,
@@ -51,6 +52,41 @@ def test_score_answers_per_kind_in_kind_order():
     assert score_answers(answers, rows) == {"exact_match": 0.5, "rows": 4}
     # one prompt of no known kind: no per-kind breakdown at all
     assert "per_kind" not in score_answers(answers, [*rows[:3], Row("describe", "x")], KIND_PREFIXES)
+
+
+def test_detect_figure_is_the_share_of_true_boxes_found_at_iou_half():
+    truth = "<loc0000><loc0000><loc0511><loc0511> circle ; <loc0512><loc0512><loc1023><loc1023> circle"
+    row = Row("detect circle", truth)
+    assert object_scores(truth, row) == [1.0, 1.0]
+    # the second box starts at x bin 768: 255 of the true 511 bins wide, IoU 255/511 < 0.5
+    half = "<loc0000><loc0000><loc0511><loc0511> circle ; <loc0512><loc0768><loc1023><loc1023> circle"
+    assert object_scores(half, row) == [1.0, 0.0]
+    # one to one: a found box counts for one true box only; a wrong label finds nothing
+    assert object_scores("<loc0000><loc0000><loc0511><loc0511> circle", row) == [1.0, 0.0]
+    assert object_scores("<loc0000><loc0000><loc0511><loc0511> square", row) == [0.0, 0.0]
+    score = score_answers([half], [row], KIND_PREFIXES)
+    assert score == {"exact_match": 0.0, "rows": 1, "per_kind": {"detect": 0.5}}
+
+
+def test_segment_figure_is_the_mask_iou_through_the_decoder():
+    """A decoder whose code 0 fills the box and any other code leaves it empty, on a 64 x 64 image:
+    the truth's box <loc0000>..<loc0511> pastes over pixels 0..30 (int of 31.94) each way."""
+    from PIL import Image
+
+    from pgexport.demo.task import Sample
+
+    def decode(codes):
+        return np.where(codes[:, :1, None] == 0, 1.0, -1.0) * np.ones((len(codes), 64, 64))
+
+    full, empty = "<seg000>" * 16, "<seg001>" * 16
+    row = Sample(Image.new("RGB", (64, 64)), "segment circle", f"<loc0000><loc0000><loc0511><loc0511>{full} circle")
+    assert object_scores(row.suffix, row, decode) == [1.0]
+    assert object_scores(f"<loc0000><loc0000><loc0511><loc0511>{empty} circle", row, decode) == [0.0]
+    assert object_scores("<loc0000><loc0000><loc0511><loc0511> circle", row, decode) == [0.0]  # no codes: no mask
+    taller = f"<loc0000><loc0000><loc1023><loc0511>{full} circle"  # rows 0..62, columns 0..30
+    assert object_scores(taller, row, decode) == [pytest.approx(31 / 63)]
+    assert score_answers([taller], [row], KIND_PREFIXES, decode)["per_kind"] == {"segment": pytest.approx(31 / 63)}
+    assert "segment" not in score_answers([taller], [row], KIND_PREFIXES)["per_kind"]  # no decoder, no figure
 
 
 def test_held_out_score_batches_and_keeps_row_order():

@@ -42,7 +42,7 @@ def session(path, **options):
 def test_every_graph_has_an_ort_file_in_the_manifest(ort_artifact):
     manifest = read_manifest(ort_artifact)
     graphs = sorted(p.relative_to(ort_artifact).as_posix() for p in (ort_artifact / "onnx").glob("*.onnx"))
-    assert len(graphs) == 6  # fp32 and int8 vision, embed, decoder
+    assert len(graphs) == 7  # fp32 and int8 vision, embed, decoder; the demo's seg decoder (fp32 only)
     expected = {name.removesuffix(".onnx") + ".ort" for name in graphs}
     assert expected | {ORT_OPERATORS_CONFIG} <= set(manifest["files"])
     assert set(manifest["ort_format"]["graphs"]) == expected
@@ -140,7 +140,7 @@ def test_quantize_writes_or_leaves_out_ort_graphs(ort_artifact, tmp_path):
 
     with_ort = quantize_artifact(ort_artifact, tmp_path / "q4", methods=["q4"], ort_format=True, validate=False, progress=False)
     assert {"onnx/decoder_model_merged_q4.ort", "onnx/embed_tokens_q4.ort", "onnx/vision_encoder.ort"} <= set(with_ort["files"])
-    assert len(with_ort["ort_format"]["graphs"]) == 9  # fp32, int8 and q4 of each of the three graphs
+    assert len(with_ort["ort_format"]["graphs"]) == 10  # fp32, int8 and q4 of each of the three graphs; the seg decoder
     assert "MatMulNBits" in ort_format.operators((tmp_path / "q4" / ORT_OPERATORS_CONFIG).read_text())["com.microsoft"]
     assert verify(tmp_path / "q4") == []
     without = quantize_artifact(ort_artifact, tmp_path / "plain", methods=["q4"], validate=False, progress=False)

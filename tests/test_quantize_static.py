@@ -13,10 +13,11 @@ import onnxruntime as ort
 import pytest
 
 from pgexport.demo import EVAL_FILE, load_split
+from pgexport.demo.task import KIND_PREFIXES
 from pgexport.errors import BadInputError, GateFailedError, UnsupportedError
 from pgexport.manifest import read_manifest, write_manifest
 from pgexport.runtime import OnnxPaliGemma, open_image
-from pgexport.metrics import exact_match, row_cosines
+from pgexport.metrics import exact_match, max_rel_diff, row_cosines, score_answers
 from pgexport.validate import EVAL_MAX_NEW_TOKENS
 
 pytest.importorskip("neural_compressor", reason="static int8 needs the quantize extra (neural-compressor)")
@@ -75,6 +76,22 @@ def _answers(artifact: Path, rows) -> list[str]:
         chunk = rows[start : start + 50]
         answers += [g.text for g in runtime.generate([open_image(r.image) for r in chunk], [r.prefix for r in chunk], EVAL_MAX_NEW_TOKENS)]
     return answers
+
+
+def _assert_keeps_answers(before: list[str], after: list[str], rows) -> None:
+    """The issue's goal for static int8 on the 200 held-out rows: exact match drops by at most 1
+    point; and the caption, color and count answers are 95% the same, the detect and segment
+    figures (IoU-based, against the suffixes) within 5 points. (Their answers are 21 to 63 tokens:
+    one location bin or mask code that moves changes the answer, not the box; 0.78 and 0.90 of all
+    answers were the same in two runs.)"""
+    from pgexport.demo.vqvae import numpy_decode
+
+    scores = [score_answers(answers, rows, KIND_PREFIXES, numpy_decode()) for answers in (before, after)]
+    assert 100 * (scores[0]["exact_match"] - scores[1]["exact_match"]) <= 1.0, scores
+    text = [i for i, row in enumerate(rows) if row.kind in ("caption", "color", "count")]
+    assert np.mean([before[i] == after[i] for i in text]) >= 0.95
+    for kind in ("detect", "segment"):
+        assert scores[0]["per_kind"][kind] - scores[1]["per_kind"][kind] <= 0.05, (kind, scores)
 
 
 def _min_logits_cosine(reference: list[np.ndarray], candidate: list[np.ndarray]) -> float:
@@ -163,14 +180,10 @@ def test_static_int8_keeps_the_demo_answers(demo, static_graphs, tmp_path):
     tokens = [runtime.generate_ids(**inputs, max_new_tokens=16, stop_at_eos=False)[0] for runtime in (fp32, static)]
     assert np.mean(tokens[0] == tokens[1]) >= 0.9, tokens
 
-    # The issue's goal: exact match on the 200 held-out rows drops by at most 1 point.
     rows = load_split(EVAL_FILE)
-    before, after = _answers(demo, rows), _answers(candidate, rows)
-    targets = [r.suffix for r in rows]
-    em_before, em_after = exact_match(before, targets), exact_match(after, targets)
-    assert em_before >= 0.9
-    assert 100 * (em_before - em_after) <= 1.0, (em_before, em_after)
-    assert np.mean([a == b for a, b in zip(before, after)]) >= 0.95
+    before = _answers(demo, rows)
+    assert exact_match(before, [r.suffix for r in rows]) >= 0.55  # 0.61 recorded: boxes and masks are rarely exact to the bin
+    _assert_keeps_answers(before, _answers(candidate, rows), rows)
 
 
 def test_streamed_path_matches_neural_compressor(demo, static_graphs, tmp_path):
@@ -197,11 +210,7 @@ def test_streamed_path_matches_neural_compressor(demo, static_graphs, tmp_path):
     for name in (dst.name, dst.name + ".data"):
         assert (rowwise.parent / name).read_bytes() == (dst.parent / name).read_bytes(), name
     rows = load_split(EVAL_FILE)
-    before = _answers(demo, rows)
-    after = _answers(_streamed_artifact(demo, tmp_path, dst), rows)
-    targets = [r.suffix for r in rows]
-    assert 100 * (exact_match(before, targets) - exact_match(after, targets)) <= 1.0
-    assert np.mean([a == b for a, b in zip(before, after)]) >= 0.95
+    _assert_keeps_answers(_answers(demo, rows), _answers(_streamed_artifact(demo, tmp_path, dst), rows), rows)
 
 
 def _streamed_artifact(demo: Path, tmp_path: Path, decoder: Path) -> Path:
@@ -211,9 +220,9 @@ def _streamed_artifact(demo: Path, tmp_path: Path, decoder: Path) -> Path:
 
 
 def test_tuning_falls_back_until_the_target_holds(demo, static_graphs, tmp_path):
-    """Metric: the gate's prefill min logits cosine vs the fp32 decoder on held-out rows, target 0.99
-    (the int8 gate's min_cosine). The fully quantized decoder misses it (0.982 here); tuning must
-    fall nodes back to fp32 until it holds (here the LM head and the last MLP down-projection)."""
+    """Metric: the gate's prefill min logits cosine vs the fp32 decoder on held-out rows, target
+    halfway from the fully quantized decoder's figure (0.9996 here) to 1, which it misses; tuning
+    must fall nodes back to fp32 until it holds."""
     graph = "decoder_model_merged"
     feeds = calibration_feeds(demo, graph, limit=CALIBRATION_ROWS)
     held_out = calibration_feeds(demo, graph, source=EVAL_FILE, limit=8)  # a JSONL source
@@ -226,8 +235,8 @@ def test_tuning_falls_back_until_the_target_holds(demo, static_graphs, tmp_path)
         calls.append(path)
         return _min_logits_cosine(reference, [session.run(["logits"], feed)[0] for feed in held_out])
 
-    target = 0.99
     untuned = evaluate(static_graphs[0] / f"{graph}_int8_static.onnx")
+    target = 1 - (1 - untuned) / 2  # halfway from the untuned graph's figure to 1: it misses it
     assert untuned < target, f"the untuned graph already meets the target ({untuned}): the test proves nothing"
 
     dst = tmp_path / f"{graph}_int8_static.onnx"
@@ -342,5 +351,9 @@ def test_calibration_feeds_are_the_runtime_feeds(demo):
     expected = runtime.prefill_feed(inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"])
     assert set(feeds[0]) == set(expected)
     for name, value in expected.items():
-        np.testing.assert_array_equal(feeds[0][name], value, err_msg=name)
+        if value.size and np.issubdtype(value.dtype, np.floating):  # the embeddings: the same fp32 graphs in another
+            # session, whose threads may split the sums otherwise (last bits: 6.7e-6 of a range of ~10 seen)
+            assert max_rel_diff(value, feeds[0][name]) <= 1e-6, name
+        else:
+            np.testing.assert_array_equal(feeds[0][name], value, err_msg=name)
     np.testing.assert_array_equal(vision[0]["pixel_values"], inputs["pixel_values"].astype(np.float32))

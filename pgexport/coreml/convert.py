@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import functools
 import importlib
 import json
@@ -295,7 +296,7 @@ def to_coreml(model: str | Path | None = None, output: str | Path = "out-coreml"
     """
     from pgexport.coreml import package_readme
     from pgexport.coreml.spec import check_spec
-    from pgexport.load import default_model, load_checkpoint, load_config
+    from pgexport.load import default_model, load_checkpoint, load_config, seg_decoder_of
     from pgexport.memory import half_releasing_pages, release_freed
     from pgexport.manifest import write_manifest
     from pgexport.output import check_output, staging_folder, temp_files_in
@@ -303,6 +304,7 @@ def to_coreml(model: str | Path | None = None, output: str | Path = "out-coreml"
     from pgexport.structured import copy_parsers
 
     output, config = Path(output), make(CoremlConfig, config, **options)
+    config = dataclasses.replace(config, seg_decoder=seg_decoder_of(model, config.seg_decoder))
     compress, target, validate = config.compress, config.target, config.validate
     check_request(compress, target)
     max_context = check_context(load_config(model, allow_pickle=allow_pickle), config.max_context)  # before any work

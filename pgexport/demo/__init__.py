@@ -2,8 +2,10 @@
 trained by `python -m pgexport.demo.train` on the synthetic coloured-shapes task of `task.py`.
 
     CHECKPOINT_DIR   the checkpoint (safetensors, config, generation config, tokenizer, processor, eval_results.json)
+    SEG_DECODER_FILE its segmentation decoder (the mask VQ-VAE of vqvae.py), in vae-oid.npz's structure
     EVAL_FILE        its held-out eval split: JSONL rows {"image": "images/x.png", "prefix": ..., "suffix": ...}
     load_split(path) such a JSONL as Samples (image paths resolved against the file's folder)
+    make_split(n, seed) n generated Samples of the demo task (segment codes from the shipped VQ-VAE)
     sample_inputs(n) a few bundled (image, prompt) pairs whose prompts differ in length
 """
 
@@ -14,7 +16,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from pgexport.demo.task import Sample, make_split
+from pgexport.demo import task
+from pgexport.demo.task import SEG_DECODER_FILE, Sample
 from pgexport.errors import BadInputError
 
 HERE = Path(__file__).resolve().parent
@@ -22,7 +25,15 @@ CHECKPOINT_DIR = HERE / "checkpoint"
 DATA_DIR = HERE / "data"
 EVAL_FILE = DATA_DIR / "eval.jsonl"
 
-__all__ = ["CHECKPOINT_DIR", "EVAL_FILE", "Sample", "load_split", "make_split", "sample_inputs"]
+__all__ = ["CHECKPOINT_DIR", "EVAL_FILE", "SEG_DECODER_FILE", "Sample", "load_split", "make_split", "sample_inputs"]
+
+
+def make_split(n: int, seed: int | str, kinds: tuple[str, ...] = task.KINDS, other: bool = False,
+               seg_codes=None) -> list[Sample]:
+    """task.make_split, segment answers' codes from the shipped VQ-VAE unless `seg_codes` is given."""
+    if seg_codes is None and "segment" in kinds:
+        from pgexport.demo.vqvae import scene_codes as seg_codes
+    return task.make_split(n, seed, kinds, other, seg_codes)
 
 
 def jsonl_objects(path: Path, what: str) -> list[tuple[int, dict]]:

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import torch
 
-from pgexport.demo import load_split
-from pgexport.demo.task import KINDS, Sample, make_split, sample_key
+from pgexport.demo import load_split, make_split
+from pgexport.demo.task import KINDS, Sample, sample_key
 from pgexport.errors import BadInputError
 
-DEMO_SEED_BASE = 1_000_000  # the teacher's training batches used seeds 0..2999; the eval split seed -1
+DEMO_SEED_BASE = 1_000_000  # apart from the teacher's seeds ("train-<step>", "vision-<step>", "eval-a", "eval-b")
 
 
 class FileRows:

@@ -14,9 +14,9 @@ from pgexport.contract import INPUT_IDS
 from pgexport.demo.task import KIND_PREFIXES, Sample
 from pgexport.metrics import held_out_score
 from pgexport.runtime import prepare_inputs
+from pgexport.validate import EVAL_MAX_NEW_TOKENS  # as the parity gate's exact-match check
 
 EVAL_BATCH = 32
-EVAL_MAX_NEW_TOKENS = 48  # as the parity gate's exact-match check
 LATENCY_NEW_TOKENS = 16
 
 
@@ -37,11 +37,13 @@ def answer_batch(model, processor, samples, max_new_tokens: int = EVAL_MAX_NEW_T
     return processor.tokenizer.batch_decode(out[:, inputs[INPUT_IDS].shape[1] :], skip_special_tokens=True)
 
 
-def evaluate(model, processor, samples) -> dict:
-    """Held-out exact match, overall and (on demo-task prompts) per question kind."""
+def evaluate(model, processor, samples, decode=None) -> dict:
+    """Held-out exact match, overall and (on demo-task prompts) each kind's figure (score_answers;
+    segment's needs `decode`)."""
     was_training = model.training
     model.eval()
-    result = held_out_score(lambda chunk: answer_batch(model, processor, chunk), samples, EVAL_BATCH, KIND_PREFIXES)
+    result = held_out_score(lambda chunk: answer_batch(model, processor, chunk), samples, EVAL_BATCH, KIND_PREFIXES,
+                            decode)
     model.train(was_training)
     return result
 

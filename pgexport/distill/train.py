@@ -59,12 +59,22 @@ def _write_json(path: Path, data: dict) -> None:
     os.replace(temporary, path)  # a crash leaves the previous progress.json intact
 
 
+def demo_decode(teacher: Checkpoint):
+    """The demo's segmentation decoder as score_answers' `decode` when the teacher is the demo model
+    (its students answer in its codes), else None: segment rows then get no figure."""
+    from pgexport.demo import CHECKPOINT_DIR
+    from pgexport.demo.vqvae import numpy_decode
+
+    return numpy_decode() if Path(teacher.source).resolve() == CHECKPOINT_DIR.resolve() else None
+
+
 class Run:
     """One distillation run's moving parts (the loop below reads like its stages)."""
 
     def __init__(self, accelerator, config: DistillConfig, teacher: Checkpoint, train, eval_rows, work: Path):
         self.accelerator, self.config, self.teacher, self.train, self.eval_rows, self.work = (
             accelerator, config, teacher, train, eval_rows, work)
+        self.decode = demo_decode(teacher)  # segment answers' masks, for the held-out figures
         self.world = accelerator.num_processes
         self.rows_per_step = config.batch_size * self.world * config.grad_accum
         self.steps_per_epoch = len(train) // self.rows_per_step
@@ -222,8 +232,8 @@ def distill(teacher: str | Path | None = None, output: str | Path = "student", c
             (work / RUN_MARK).write_text(f"{output.name}\n")
         start = {}
         if main:
-            start = {"teacher": evaluate(teacher.model, teacher.processor, eval_rows),
-                     "student": evaluate(accelerator.unwrap_model(student), teacher.processor, eval_rows)}
+            start = {"teacher": evaluate(teacher.model, teacher.processor, eval_rows, run.decode),
+                     "student": evaluate(accelerator.unwrap_model(student), teacher.processor, eval_rows, run.decode)}
         state = {"config": asdict(config), "start": start, "history": []}
         step = 0
 
@@ -257,7 +267,7 @@ def distill(teacher: str | Path | None = None, output: str | Path = "student", c
                        speed=f"{run.rows_per_step / (time.perf_counter() - tick):.1f}")
             epoch_done = step % run.steps_per_epoch == 0
             if epoch_done and main:
-                result = evaluate(accelerator.unwrap_model(student), teacher.processor, eval_rows)
+                result = evaluate(accelerator.unwrap_model(student), teacher.processor, eval_rows, run.decode)
                 state["history"].append({"epoch": epoch + 1, "step": step, **last, **result})
                 bar.console.print(f"epoch {epoch + 1}: step {step}, loss {last['loss']:.4f}, "
                                   f"held-out exact match {result['exact_match']:.3f}")
@@ -292,7 +302,7 @@ def finish(run: Run, model, state: dict, output: Path, force: bool, last: dict, 
     model.to("cpu")
     teacher.model.to("cpu")
     history = state["history"]
-    final = history[-1] if history and history[-1]["step"] == steps else evaluate(model, teacher.processor, run.eval_rows)
+    final = history[-1] if history and history[-1]["step"] == steps else evaluate(model, teacher.processor, run.eval_rows, run.decode)
     start_student, start_teacher = state["start"]["student"], state["start"]["teacher"]
     report = {
         "teacher": {"source": teacher.source, "exact_match": start_teacher["exact_match"],

@@ -68,7 +68,7 @@ def calibration_feeds(
 
 
 def _demo_pairs(limit: int):
-    from pgexport.demo.task import make_split
+    from pgexport.demo import make_split
 
     return [(sample.open_image(), sample.prefix) for sample in make_split(limit, DEMO_CALIBRATION_SEED)]
 
