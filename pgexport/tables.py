@@ -50,6 +50,19 @@ def parity_table(parity: dict) -> Table:
     return table
 
 
+def per_kind_lines(parity: dict) -> list[str]:
+    """One line a precision whose gate scored held-out rows per prompt kind: each kind's figure,
+    the PyTorch model's -> the artifact's (exact match; detect: boxes found at IoU >= 0.5;
+    segment: mean mask IoU)."""
+    lines = []
+    for dtype, hop in parity["hops"].items():
+        kinds = (hop.get("exact_match") or {}).get("per_kind")
+        if kinds:
+            pairs = ", ".join(f"{kind} {kinds['reference'][kind]:.3f} -> {kinds['artifact'][kind]:.3f}" for kind in kinds["reference"])
+            lines.append(f"{dtype} per prompt kind (PyTorch -> artifact): {pairs}")
+    return lines
+
+
 def seg_parity_line(record: dict) -> str:
     """One line on the segmentation decoder of a manifest's "seg_decoder" record."""
     parity = record.get("parity")

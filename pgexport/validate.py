@@ -17,9 +17,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pgexport.contract import ATTENTION_MASK, DECODER, INPUT_IDS, LOGITS, PIXEL_VALUES
+from pgexport.contract import ATTENTION_MASK, DECODER, INPUT_IDS, LOGITS, PIXEL_VALUES, SEG_DECODER
+from pgexport.demo.task import KIND_PREFIXES
 from pgexport.config import ValidateConfig, make
-from pgexport.metrics import LogitStats, held_out_score, logit_stats, token_agreement
+from pgexport.metrics import LogitStats, answer_rows, exact_match, logit_stats, score_answers, token_agreement
 from pgexport.memory import release_freed
 from pgexport.runtime import OnnxPaliGemma, open_image, prepare_inputs
 
@@ -66,6 +67,7 @@ class Reference:
     step_logits: np.ndarray  # [batch, PARITY_NEW_TOKENS, vocab]
     eval_rows: list | None = None
     exact_match: float | None = None
+    eval_answers: list[str] | None = None  # its answers to eval_rows, scored per kind beside the artifact's
 
 
 def default_samples(n: int = 3):
@@ -137,7 +139,8 @@ def reference_outputs(model, processor, samples=None, eval_rows=None) -> Referen
             new, _ = reference_generate(model, batch, EVAL_MAX_NEW_TOKENS, stop_at_eos=True)
             return processor.tokenizer.batch_decode(new, skip_special_tokens=True)
 
-        reference.exact_match = held_out_score(answer, eval_rows, EVAL_BATCH)["exact_match"]
+        reference.eval_answers = answer_rows(answer, eval_rows, EVAL_BATCH)
+        reference.exact_match = exact_match(reference.eval_answers, [row.suffix for row in eval_rows])
     return reference
 
 
@@ -215,16 +218,30 @@ def check_hop(runtime: OnnxPaliGemma, reference: Reference, thresholds: Threshol
             generated = runtime.generate([open_image(r.image) for r in chunk], [r.prefix for r in chunk], EVAL_MAX_NEW_TOKENS)
             return [g.text for g in generated]
 
-        artifact_em = held_out_score(answer, rows, EVAL_BATCH)["exact_match"]
+        answers = answer_rows(answer, rows, EVAL_BATCH)
+        artifact_em = exact_match(answers, [row.suffix for row in rows])
         report["exact_match"] = {
             "rows": len(rows),
             "reference": reference.exact_match,
             "artifact": artifact_em,
             "change_points": round(100 * (artifact_em - reference.exact_match), 2),
         }
+        # Each prompt kind's figure (on demo-task prompts: detect and segment by IoU against the
+        # suffixes, segment's masks through the artifact's own fp32 seg decoder), reference and artifact.
+        decode = seg_decode(runtime) if runtime.has_seg_decoder else None
+        kinds = [score_answers(a, rows, KIND_PREFIXES, decode).get("per_kind") if a is not None else None
+                 for a in (reference.eval_answers, answers)]
+        if kinds[0] is not None:
+            report["exact_match"]["per_kind"] = {"reference": kinds[0], "artifact": kinds[1]}
     report["failures"] = gate_failures(report, thresholds)
     report["passed"] = not report["failures"]
     return report
+
+
+def seg_decode(runtime):
+    """codes [n, 16] -> mask logits [n, 64, 64] through the artifact's seg decoder (score_answers' `decode`)."""
+    session = runtime.sessions[SEG_DECODER.name]
+    return lambda codes: session.run(None, {SEG_DECODER.inputs[0].name: np.asarray(codes, dtype=np.int64)})[0]
 
 
 def gate_failures(report: dict, limits: Thresholds) -> list[str]:
