@@ -4,8 +4,10 @@
 
 Exports the demo model once (fp32, no gate), then runs `quantize_artifact` per method with the
 parity gate on (the PyTorch fp32 reference: 3 left-padded samples x 16 greedy tokens, and the
-200-row held-out split for exact match) and times greedy decoding on ONNX Runtime (CPU, batch 1).
-A failed gate is recorded, not fatal: the table says which method passed.
+200-row held-out split A for exact match and each prompt kind's figure) and times greedy decoding
+on ONNX Runtime (CPU, batch 1). The methods of HELDOUT_B are also validated on held-out B (200 rows
+drawn otherwise: pgexport.demo.train's OTHER_SEED, written once under --work). A failed gate is
+recorded, not fatal: the table says which method passed.
 
 Also `python benchmarks/quantize_demo.py --compare FP32_ARTIFACT ARTIFACT:VARIANT ...`: greedy
 token agreement with the fp32 graphs and decode ms/token only (what quantize_3b.sh uses, where
@@ -37,6 +39,8 @@ METHODS = {  # label -> quantize_artifact options (pgexport.config.QuantizeConfi
     "fp16": dict(methods=["fp16"]),
 }
 DECODE_TOKENS = 32
+# validated on held-out B too (each costs a second gate run): the int8 and q4 variants users pick
+HELDOUT_B = ("int8 + int8 table", "int8-static", "q4 rtn b32", "q4 hqq b32", "vision int8, decoder+table q4", "fp16")
 
 
 def decode_ms_per_token(artifact: Path, dtype: str, runs: int = 3, threads: int = 0, tokens: int = DECODE_TOKENS) -> float:
@@ -87,16 +91,37 @@ def compare(fp32: Path, targets: list[str], runs: int = 3, steps: int = DECODE_T
     return rows
 
 
+def heldout_b(work: Path) -> Path:
+    """Held-out B (images drawn otherwise than training's) as an eval file under `work`, written once."""
+    from pgexport.demo import make_split
+    from pgexport.demo.train import EVAL_ROWS, OTHER_SEED, write_eval_split
+
+    path = work / "heldout-b" / "eval.jsonl"
+    if not path.is_file():
+        write_eval_split(path.parent, make_split(EVAL_ROWS, OTHER_SEED, other=True))
+    return path
+
+
+def per_kind(hop: dict) -> dict:
+    """{"reference": {kind: figure}, "artifact": {...}} of a gate hop's held-out rows."""
+    return hop["exact_match"]["per_kind"]
+
+
 def run_methods(work: Path, only: list[str] | None) -> dict:
     from pgexport.errors import GateFailedError, UnsupportedError
     from pgexport.manifest import read_manifest
     from pgexport.pipeline import export_onnx, quantize_artifact
+    from pgexport.validate import validate_artifact
 
     fp32 = work / "fp32"
     if not (fp32 / "manifest.json").is_file():
         export_onnx(None, fp32, validate=False, force=True, progress=False)
-    results = {"fp32": {"bytes": _total(fp32), "ratio": 1.0,
-                        "decode_ms": decode_ms_per_token(fp32, "fp32")}}
+    from pgexport.bench.hardware import environment
+
+    cpu = environment("cpu", 0)["cpu"]
+    results = {"fp32": {"bytes": _total(fp32), "ratio": 1.0, "decode_ms": decode_ms_per_token(fp32, "fp32"),
+                        "machine": f"{cpu['model']} ({', '.join(cpu['simd'])}), {cpu['usable_cpus']} CPUs",
+                        "date": time.strftime("%Y-%m-%d")}}
     for label, arguments in METHODS.items():
         if only and label not in only:
             continue
@@ -123,8 +148,11 @@ def run_methods(work: Path, only: list[str] | None) -> dict:
             "exact_match": hop["exact_match"]["artifact"], "exact_match_reference": hop["exact_match"]["reference"],
             "exact_match_change": hop["exact_match"]["change_points"], "gate": "pass" if hop["passed"] else "FAIL",
             "failures": hop["failures"], "gate_error": failed, "seconds": round(time.perf_counter() - started, 1),
-            "decode_ms": decode_ms_per_token(out, variant),
+            "decode_ms": decode_ms_per_token(out, variant), "per_kind_a": per_kind(hop),
         }
+        if label in HELDOUT_B:
+            hops = validate_artifact(out, eval_file=heldout_b(work))["hops"]
+            results[label]["per_kind_b"] = per_kind(hops[variant])
         tuned = {key.split("/")[0]: {k: info[k] for k in ("target", "baseline", "metric", "trials", "fell_back")}
                  for key, info in manifest.get("quantization", {}).items() if "fell_back" in info}
         if tuned:
@@ -158,31 +186,49 @@ def to_markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def report(demo_json: Path, timing_json: Path, rss_jsonl: Path, compare_3b_json: Path, out: Path) -> str:
+def kinds_cell(figures: dict) -> str:
+    return " / ".join(f"{figures[kind]:.3f}" for kind in figures)
+
+
+def per_kind_table(demo: dict) -> list[str]:
+    """Each prompt kind's figure on held-out A and B: PyTorch fp32, then every method that has them."""
+    rows = [(label, row) for label, row in demo.items() if "per_kind_a" in row]
+    if not rows:
+        return []
+    kinds = " / ".join(rows[0][1]["per_kind_a"]["reference"])
+    with_b = next((row for _, row in rows if "per_kind_b" in row), None)
+    lines = [f"| model | held-out A ({kinds}) | held-out B ({kinds}) |", "|---|---|---|",
+             f"| PyTorch fp32 (the reference) | {kinds_cell(rows[0][1]['per_kind_a']['reference'])} "
+             f"| {kinds_cell(with_b['per_kind_b']['reference']) if with_b else '-'} |"]
+    for label, row in rows:
+        b = kinds_cell(row["per_kind_b"]["artifact"]) if "per_kind_b" in row else "-"
+        lines.append(f"| {label} | {kinds_cell(row['per_kind_a']['artifact'])} | {b} |")
+    return lines
+
+
+def report(demo_json: Path, rss_jsonl: Path, compare_3b_json: Path, out: Path) -> str:
     """benchmarks/results/quantize.md from the JSON files the runs wrote."""
     demo = json.loads(demo_json.read_text())
-    timing = {Path(r["target"]).name: r for r in json.loads(timing_json.read_text())} if timing_json.is_file() else {}
+    reference = next(row["exact_match_reference"] for row in demo.values() if "exact_match_reference" in row)
     lines = ["# Quantization results", "",
-             "Produced by `benchmarks/quantize_demo.py` (demo model, then `--compare` for timings), "
+             "Produced by `benchmarks/quantize_demo.py` (demo model), "
              "`benchmarks/quantize_3b.sh` (3B shapes) and `python benchmarks/quantize_demo.py --report "
              "benchmarks/results/quantize.md` (this file, from the JSON beside it). Machines: 2 shared CPU cores, "
-             "24 GB RAM, onnxruntime 1.32. The demo table's sizes, parity and exact match were last run "
-             "whole on an Intel Xeon (AVX-512 VNNI + AMX), 2026-12-02; its decode column is the `--compare` "
-             "timing run on AMD EPYC (avx512), 2026-11-27 (quantize_demo_timing.json; the decoders it timed "
-             "are unchanged since). The 3B tables are from AMD EPYC with other jobs running (load 4-9), so "
+             f"24 GB RAM, onnxruntime 1.32. The demo tables (demo model v2) were run whole on "
+             f"{demo['fp32'].get('machine', 'an unrecorded CPU')}, {demo['fp32'].get('date', '')}, "
+             "decode timings included. The 3B tables are from AMD EPYC with other jobs running (load 4-9), so "
              "timings are indicative: compare rows of one table, not across tables.", "",
-             "## Demo model (trained, 7.6 MB fp32): against PyTorch fp32", "",
+             f"## Demo model (trained, {demo['fp32']['bytes'] / 1e6:.1f} MB fp32): against PyTorch fp32", "",
              "Greedy tokens: 3 left-padded samples x 16 new tokens, agreement = share of steps before the first "
-             "difference. Exact match: the 200-row held-out split (reference 98.5%). Decode: ONNX Runtime CPU, "
-             "batch 1, median of 5 runs of 32 steps, all rows timed in one process one after the other.", "",
+             f"difference. Exact match: the 200-row held-out split A (PyTorch: {reference:.1%}), the whole answer "
+             "string. Decode: ONNX Runtime CPU, batch 1, median of 3 runs of 32 steps, all rows timed in one "
+             "process one after the other.", "",
              "| method | vision / table / decoder | total MB | x fp32 | greedy tokens | exact match (change) | "
              "min logit cosine (prefill, decode) | gate | decode ms/token |", "|---|---|---|---|---|---|---|---|---|"]
-    folders = {label: label.replace(" ", "_").replace("+", "").replace(",", "") for label in demo}
     for label, row in demo.items():
-        ms = timing.get(folders.get(label, ""), timing.get("fp32") if label == "fp32" else None)
-        ms = f"{ms['decode_ms']:.2f}" if ms else "-"
+        ms = f"{row['decode_ms']:.2f}" if row.get("decode_ms") is not None else "-"
         if label == "fp32":
-            lines.append(f"| fp32 | fp32 / fp32 / fp32 | {row['bytes'] / 1e6:.2f} | 1.000 | identical (gate of the export) | 98.5% | - | - | {ms} |")
+            lines.append(f"| fp32 | fp32 / fp32 / fp32 | {row['bytes'] / 1e6:.2f} | 1.000 | identical (gate of the export) | {reference:.1%} | - | - | {ms} |")
             continue
         if "skipped" in row:
             continue
@@ -192,6 +238,11 @@ def report(demo_json: Path, timing_json: Path, rss_jsonl: Path, compare_3b_json:
             f"| {row['ratio']:.3f} | {row['agreement']:.0%}{' (identical)' if row['identical'] else ''} "
             f"| {row['exact_match']:.1%} ({row['exact_match_change']:+.1f}) | {row['min_cosine']:.4f}, {row['decode_cosine']:.4f} "
             f"| {row['gate']}{': ' + '; '.join(row['failures']) if row['failures'] else ''} | {ms} |")
+    lines += ["", "### Each prompt kind, on held-out A (drawn like training) and B (drawn otherwise)", "",
+              "Exact match for caption, color and count; detect: share of true boxes found at IoU >= 0.5; segment: "
+              "mean mask IoU, masks through the artifact's own seg decoder. Truth: the rows' answers (suffixes). "
+              "B runs only for the methods users pick (HELDOUT_B in the script).", ""]
+    lines += per_kind_table(demo)
     lines += ["", "## PaliGemma-1 3B shapes (random weights, 224 px)", ""]
     rss = [json.loads(line) for line in rss_jsonl.read_text().splitlines() if line.strip()] if rss_jsonl.is_file() else []
     compared = {Path(r["target"]).name: r for r in json.loads(compare_3b_json.read_text())} if compare_3b_json.is_file() else {}
@@ -286,15 +337,14 @@ def main() -> int:
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/quantize_demo.json"))
     parser.add_argument("--only", action="append", help="Method label(s) to run (default: all).")
     parser.add_argument("--compare", nargs="+", metavar="ARTIFACT", help="FP32_ARTIFACT then ARTIFACT:VARIANT ...")
-    parser.add_argument("--report", type=Path, help="Write the markdown report (demo JSON, --timing, --rss, --compare-3b) here.")
-    parser.add_argument("--timing", type=Path, default=Path("benchmarks/results/quantize_demo_timing.json"))
+    parser.add_argument("--report", type=Path, help="Write the markdown report (demo JSON, --rss, --compare-3b) here.")
     parser.add_argument("--rss", type=Path, default=Path("benchmarks/results/quantize_3b.jsonl"))
     parser.add_argument("--compare-3b", type=Path, default=Path("benchmarks/results/quantize_3b_compare.json"))
     parser.add_argument("--runs", type=int, default=3, help="--compare: timed runs per target.")
     parser.add_argument("--tokens", type=int, default=DECODE_TOKENS, help="--compare: decode steps per timed run.")
     args = parser.parse_args()
     if args.report:
-        print(report(args.json, args.timing, args.rss, args.compare_3b, args.report))
+        print(report(args.json, args.rss, args.compare_3b, args.report))
         return 0
     if args.compare:
         rows = compare(Path(args.compare[0]), args.compare[1:], args.runs, args.tokens)

@@ -19,7 +19,7 @@ import yaml
 
 import pgexport
 from pgexport.contract import COREML_DECODER, COREML_VISION, GRAPH_NAMES
-from pgexport.demo import CHECKPOINT_DIR
+from pgexport.demo import is_demo as is_demo_source
 from pgexport.structured import JS_FILE, SWIFT_FILE
 
 CARD = "README.md"
@@ -64,8 +64,7 @@ def hub_id(source: dict) -> str | None:
 
 
 def is_demo(source: dict) -> bool:
-    checkpoint = checkpoint_of(source)
-    return bool(checkpoint) and Path(checkpoint).resolve() == CHECKPOINT_DIR.resolve()
+    return is_demo_source(checkpoint_of(source))
 
 
 def license_metadata(source: dict) -> dict:

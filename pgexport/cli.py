@@ -19,7 +19,7 @@ from pgexport.errors import EXIT_INTERNAL, BadInputError, GateFailedError, Outpu
 from pgexport.cli_options import cli_options, config_from, reads_checkpoint, run_options
 from pgexport.config import BenchConfig, ExportConfig, ValidateConfig
 from pgexport.contract import GRAPH_FORMATS
-from pgexport.tables import console, output_width, parity_table, per_kind_lines, print_sizes, seg_parity_line
+from pgexport.tables import console, output_width, print_parity, print_sizes, seg_parity_line
 
 def quiet_third_party() -> None:
     """Keep libraries' chatter out of pgexport's output: transformers' tqdm bars ('Loading weights',
@@ -87,7 +87,7 @@ class Command(click.Group):
                 return super().invoke(ctx)
         except GateFailedError as error:
             if error.report:
-                console.print(parity_table(error.report))
+                print_parity(console, error.report)
             click.echo(f"error: {error}", err=True)
             sys.exit(error.exit_code)
         except PgExportError as error:
@@ -148,9 +148,7 @@ def onnx_command(model, output, force, allow_pickle, as_json, **options):
         click.echo(json.dumps(manifest, indent=2))
         return
     if manifest["parity"]:
-        console.print(parity_table(manifest["parity"]))
-        for line in per_kind_lines(manifest["parity"]):
-            click.echo(line)  # one line, never wrapped
+        print_parity(console, manifest["parity"])
     if manifest.get("seg_decoder"):
         click.echo(seg_parity_line(manifest["seg_decoder"]))  # one line, never wrapped
     if manifest.get("sizes"):
@@ -230,9 +228,7 @@ def validate_command(artifact, allow_pickle, as_json, **options):
     if as_json:
         click.echo(json.dumps(report, indent=2))
     else:
-        console.print(parity_table(report))
-        for line in per_kind_lines(report):
-            click.echo(line)
+        print_parity(console, report)
     if not report["passed"]:
         raise GateFailedError("parity gate failed")
 

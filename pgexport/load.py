@@ -74,9 +74,9 @@ def default_model() -> str:
 def seg_decoder_of(model: str | Path | None, given: str | None) -> str | None:
     """--seg-decoder's file: the one given, else the demo model's own (its segment answers then come
     back as masks), else None."""
-    from pgexport.demo import CHECKPOINT_DIR, SEG_DECODER_FILE
+    from pgexport.demo import SEG_DECODER_FILE, is_demo
 
-    if given is None and (model is None or Path(model).resolve() == CHECKPOINT_DIR.resolve()):
+    if given is None and (model is None or is_demo(model)):
         return str(SEG_DECODER_FILE)
     return given
 

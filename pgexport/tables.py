@@ -63,6 +63,13 @@ def per_kind_lines(parity: dict) -> list[str]:
     return lines
 
 
+def print_parity(out: Console, parity: dict) -> None:
+    """The parity table, then each precision's per-kind line (one line each, never wrapped)."""
+    out.print(parity_table(parity))
+    for line in per_kind_lines(parity):
+        out.print(line, soft_wrap=True, markup=False, highlight=False)
+
+
 def seg_parity_line(record: dict) -> str:
     """One line on the segmentation decoder of a manifest's "seg_decoder" record."""
     parity = record.get("parity")

@@ -115,11 +115,11 @@ def reference_generate(model, inputs: dict, new_tokens: int, stop_at_eos: bool =
 def eval_rows_for(checkpoint, eval_file: str | Path | None):
     """Held-out rows for the exact-match check: the given file, or the demo split for the demo
     model (None otherwise: the gate then has no exact-match figure)."""
-    from pgexport.demo import CHECKPOINT_DIR, EVAL_FILE, load_split
+    from pgexport.demo import EVAL_FILE, is_demo, load_split
 
     if eval_file is not None:
         return load_split(eval_file)
-    if Path(checkpoint.source).resolve() == Path(CHECKPOINT_DIR).resolve():
+    if is_demo(checkpoint.source):
         return load_split(EVAL_FILE)
     return None
 

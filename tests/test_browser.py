@@ -1,6 +1,6 @@
 """The example page examples/web runs our artifact in a real browser: headless Chromium, transformers.js
 4.3.1 on onnxruntime-web (WASM), all served from localhost. Its greedy tokens equal PyTorch's (fp32)
-and pgexport's own ONNX Runtime result (int8); a `detect` answer keeps its <locNNNN> tokens and the
+and pgexport's own ONNX Runtime result (int8, up to near-ties: assert_int8_like_ours); a `detect` answer keeps its <locNNNN> tokens and the
 page's boxes (parsed by the artifact's own paligemma_structured.js) are pgexport.structured's; its
 latency is printed, and recorded in benchmarks/results/browser.md with PGEXPORT_BROWSER_RECORD=1.
 
@@ -37,10 +37,10 @@ from pgexport.structured import JS_FILE, parse_detections
 # The other client's helpers and its sample inputs (the demo's --int8 artifact, images saved at the
 # model's input size): both clients answer the same inputs. demo_js_artifact is a fixture.
 from test_transformersjs import (  # noqa: F401
+    assert_int8_like_ours,
     assert_same_generation,
     demo_js_artifact,
     model_sized_image,
-    ort_greedy,
     torch_greedy,
 )
 
@@ -237,7 +237,7 @@ def test_browser_int8_generates_like_our_runtime(browser_run, demo_js_artifact):
     _, artifact, samples = demo_js_artifact
     for (image, prompt), result in zip(samples, browser_run["int8"], strict=True):
         assert result["dtype"] == {"vision_encoder": "int8", "embed_tokens": "fp32", "decoder_model_merged": "int8"}
-        assert_same_generation(result, ort_greedy(artifact, "int8", image, prompt, NEW_TOKENS), f"browser int8 {prompt!r}")
+        assert_int8_like_ours(result, artifact, image, prompt, f"browser int8 {prompt!r}")
 
 
 def test_browser_timed_runs_repeat_the_same_tokens(browser_run):

@@ -123,6 +123,40 @@ def assert_same_generation(js: dict, reference: dict, label: str, minimum: int =
     assert len(js["tokens"]) >= minimum, f"{label}: only {len(js['tokens'])} new tokens compared"
 
 
+def forced_logits(artifact: Path, dtype: str, image: Path, prompt: str, tokens: list[int]):
+    """Our runtime's logits [steps, vocab] at each step of `tokens`, fed whatever it would choose."""
+    import numpy as np
+
+    from pgexport.runtime import open_image
+
+    runtime = _runtime(Path(artifact), dtype)
+    inputs = runtime.preprocess([open_image(image)], [prompt])
+    _, logits = runtime.generate_ids(**inputs, stop_at_eos=False, forced_tokens=np.array([tokens]), keep_logits=True)
+    return np.concatenate(logits)
+
+
+def assert_int8_like_ours(js: dict, artifact: Path, image: Path, prompt: str, label: str) -> None:
+    """int8 tokens from another ONNX Runtime build: ours, or where they part, near-ties for ours.
+
+    Dynamic int8 kernels round differently across builds (WASM, VNNI, AMX), so two builds can pick
+    different tokens where two logits nearly tie. Bound: with f our fp32 logits, a ours at int8
+    and b the other build's, |a - f| <= n (measured: max over the vocabulary at that step) and
+    assuming the other build's int8 error is no larger, |b - f| <= n. Its choice t has b_t >= b_k,
+    so a_top - a_t <= 4n. Every one of its tokens is checked along its own path (teacher-forced)."""
+    reference = ort_greedy(artifact, "int8", image, prompt, len(js["tokens"]))
+    assert js["input_ids"] == reference["input_ids"], f"{label}: the processors tokenise the prompt differently"
+    assert len(js["tokens"]) >= 8, f"{label}: only {len(js['tokens'])} new tokens compared"
+    if js["tokens"] == reference["tokens"]:
+        return
+    int8 = forced_logits(artifact, "int8", image, prompt, js["tokens"])
+    fp32 = forced_logits(artifact, "fp32", image, prompt, js["tokens"])
+    for step, token in enumerate(js["tokens"]):
+        margin = float(int8[step].max() - int8[step][token])
+        noise = float(abs(int8[step] - fp32[step]).max())
+        assert margin <= 4 * noise, (f"{label}: step {step}: its token {token} trails ours by {margin:.3f} "
+                                     f"(int8 noise {noise:.3f}); tokens {js['tokens']} != ours {reference['tokens']}")
+
+
 # ---------------------------------------------------------------------------------------------
 # The demo model: fp32 against PyTorch, int8 against pgexport's own ONNX Runtime int8 result.
 
@@ -172,7 +206,7 @@ def test_demo_int8_generates_like_our_runtime(transformers_js, demo_js_artifact)
     for image, prompt in samples:
         js = transformers_js(artifact, image, prompt, NEW_TOKENS, dtype="int8")
         assert js["dtype"] == {"vision_encoder": "int8", "embed_tokens": "int8", "decoder_model_merged": "int8"}
-        assert_same_generation(js, ort_greedy(artifact, "int8", image, prompt, NEW_TOKENS), f"demo int8 {prompt!r}")
+        assert_int8_like_ours(js, artifact, image, prompt, f"demo int8 {prompt!r}")
 
 
 def test_auto_processor_resolves_paligemma(transformers_js, demo_js_artifact):

@@ -6,6 +6,7 @@ trained by `python -m pgexport.demo.train` on the synthetic coloured-shapes task
     EVAL_FILE        its held-out eval split: JSONL rows {"image": "images/x.png", "prefix": ..., "suffix": ...}
     load_split(path) such a JSONL as Samples (image paths resolved against the file's folder)
     make_split(n, seed) n generated Samples of the demo task (segment codes from the shipped VQ-VAE)
+    is_demo(source)  whether a model source (a folder) is this checkpoint
     sample_inputs(n) a few bundled (image, prompt) pairs whose prompts differ in length
 """
 
@@ -25,7 +26,13 @@ CHECKPOINT_DIR = HERE / "checkpoint"
 DATA_DIR = HERE / "data"
 EVAL_FILE = DATA_DIR / "eval.jsonl"
 
-__all__ = ["CHECKPOINT_DIR", "EVAL_FILE", "SEG_DECODER_FILE", "Sample", "load_split", "make_split", "sample_inputs"]
+__all__ = ["CHECKPOINT_DIR", "EVAL_FILE", "SEG_DECODER_FILE", "Sample", "is_demo", "load_split", "make_split",
+           "sample_inputs"]
+
+
+def is_demo(source: str | Path | None) -> bool:
+    """Whether `source` (a model folder or hub id; None and "" are not) is the shipped demo checkpoint."""
+    return bool(source) and Path(source).resolve() == CHECKPOINT_DIR
 
 
 def make_split(n: int, seed: int | str, kinds: tuple[str, ...] = task.KINDS, other: bool = False,

@@ -62,10 +62,10 @@ def _write_json(path: Path, data: dict) -> None:
 def demo_decode(teacher: Checkpoint):
     """The demo's segmentation decoder as score_answers' `decode` when the teacher is the demo model
     (its students answer in its codes), else None: segment rows then get no figure."""
-    from pgexport.demo import CHECKPOINT_DIR
+    from pgexport.demo import is_demo
     from pgexport.demo.vqvae import numpy_decode
 
-    return numpy_decode() if Path(teacher.source).resolve() == CHECKPOINT_DIR.resolve() else None
+    return numpy_decode() if is_demo(teacher.source) else None
 
 
 class Run:
@@ -176,7 +176,7 @@ def distill(teacher: str | Path | None = None, output: str | Path = "student", c
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    from pgexport.demo import CHECKPOINT_DIR, EVAL_FILE, load_split
+    from pgexport.demo import EVAL_FILE, is_demo, load_split
 
     config = DistillConfig(**asdict(make(DistillConfig, config, **options)))  # a copy: `sources` is filled in
     train, eval_file, output = config.train, config.eval_file, Path(output)
@@ -197,7 +197,7 @@ def distill(teacher: str | Path | None = None, output: str | Path = "student", c
     config.vision_layer_map = layer_map("vision", vision_layers, config.vision_layers, config.vision_layer_map)
     config.decoder_layers, config.vision_layers = len(config.layer_map), len(config.vision_layer_map)
     train_rows = FileRows(train, config.seed) if train is not None else DemoTaskRows(config.train_rows, config.seed)
-    if eval_file is None and Path(teacher.source).resolve() != CHECKPOINT_DIR.resolve():
+    if eval_file is None and not is_demo(teacher.source):
         raise BadInputError("--eval is required (held-out rows for the exact match) unless the teacher is the demo model")
     eval_path = Path(eval_file) if eval_file is not None else EVAL_FILE
     eval_rows = load_split(eval_path)

@@ -18,7 +18,7 @@ from pgexport.config import QuantizeConfig
 @run_options(pickle="weights in the reference")
 def quantize_command(artifact, output, force, allow_pickle, as_json, **options):
     """Quantize the fp32 graphs of ARTIFACT into a new artifact, validated against PyTorch (exit 6 when the gate fails)."""
-    from pgexport.tables import console, parity_table, per_kind_lines, print_sizes
+    from pgexport.tables import console, print_parity, print_sizes
     from pgexport.pipeline import quantize_artifact
 
     config = config_from(QuantizeConfig, options)
@@ -29,8 +29,6 @@ def quantize_command(artifact, output, force, allow_pickle, as_json, **options):
         click.echo(json.dumps(manifest, indent=2))
         return
     if manifest["parity"]:
-        console.print(parity_table(manifest["parity"]))
-        for line in per_kind_lines(manifest["parity"]):
-            click.echo(line)  # one line, never wrapped
+        print_parity(console, manifest["parity"])
     print_sizes(console, manifest["sizes"])
     console.print(f"wrote {output}")
