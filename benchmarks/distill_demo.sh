@@ -34,7 +34,9 @@ train kd --alpha 0.5 --temperature 2
 [ "$LABELS_ONLY" = 0 ] || train labels-only --alpha 0
 
 [ -d "$OUT/teacher-onnx" ] || $PG onnx --int8 -o "$OUT/teacher-onnx" 2>&1 | tee "$OUT/teacher-onnx.log"
-[ -d "$OUT/kd-onnx" ] || $PG onnx "$OUT/kd" --int8 --eval-file "$EVAL" -o "$OUT/kd-onnx" 2>&1 | tee "$OUT/kd-onnx.log"
+# the student answers segment prompts in its teacher's codes: it exports with the teacher's decoder
+[ -d "$OUT/kd-onnx" ] || $PG onnx "$OUT/kd" --int8 --eval-file "$EVAL" --seg-decoder pgexport/demo/seg_decoder.npz \
+  -o "$OUT/kd-onnx" 2>&1 | tee "$OUT/kd-onnx.log"
 EVAL_B=$OUT/heldout-b/eval.jsonl
 [ -f "$EVAL_B" ] || .venv/bin/python -c "import sys; from pathlib import Path
 from pgexport.demo import make_split

@@ -31,7 +31,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from pgexport.demo import EVAL_FILE, load_split
+from pgexport.demo import CHECKPOINT_DIR, EVAL_FILE, load_split
 from pgexport.structured import JS_FILE, parse_detections
 
 # The other client's helpers and its sample inputs (the demo's --int8 artifact, images saved at the
@@ -349,6 +349,9 @@ def test_browser_latency_is_recorded(browser_run, capsys, tmp_path):
                     f"{_median(runs, 'decode_ms_per_token'):.1f} | {runs[0]['load_ms']:.0f} |")
     command = ("PGEXPORT_BROWSER_WEBGPU=1 " if browser_run["unsafe_webgpu"]["results"] else "") + COMMAND
     ort_web = json.loads((WEB_DIR / "node_modules" / "onnxruntime-web" / "package.json").read_text())["version"]
+    vision = json.loads((CHECKPOINT_DIR / "config.json").read_text())["vision_config"]
+    size, image_tokens = vision["image_size"], (vision["image_size"] // vision["patch_size"]) ** 2
+    prompt_tokens = len(browser_run["fp32"][0]["input_ids"])  # the timed input is the first sample
     text = "\n".join([
         "# In-browser latency (examples/web, WASM)",
         "",
@@ -358,8 +361,8 @@ def test_browser_latency_is_recorded(browser_run, capsys, tmp_path):
         f"- browser: headless {browser_run['browser_version']} ({browser_run['chromium']['path']}, {browser_run['chromium']['how']})",
         f"- transformers.js {env['transformers_version']}, onnxruntime-web {ort_web}, WASM backend, "
         f"{env['threads']} thread(s), cross-origin isolated: {env['cross_origin_isolated']}",
-        "- model: the demo model (`pgexport onnx --int8`), 64x64 image, 20 prompt tokens (16 image tokens), "
-        f"eos off; median of {LATENCY_RUNS} warm runs on one input",
+        f"- model: the demo model (`pgexport onnx --int8`), {size}x{size} image, {prompt_tokens} prompt tokens "
+        f"({image_tokens} image tokens), eos off; median of {LATENCY_RUNS} warm runs on one input",
         f"- 1-minute load average {browser_run['load'][0]:.1f} before and {browser_run['load'][1]:.1f} after the browser "
         f"session, on {os.cpu_count()} CPUs (above the CPU count, other processes shared the cores and the times are inflated)",
         "",
@@ -369,7 +372,7 @@ def test_browser_latency_is_recorded(browser_run, capsys, tmp_path):
         "",
         "int8 is vision_encoder_int8 + decoder_model_merged_int8 with embed_tokens fp32 (as pgexport's runtime loads it).",
         f"The same session's {len(browser_run['samples'])} inputs x 2 dtypes gave the tokens of PyTorch (fp32) and of "
-        "pgexport's ONNX Runtime (int8), compared by the test.",
+        "pgexport's ONNX Runtime (int8, up to near-ties: assert_int8_like_ours), compared by the test.",
         "",
         "## WebGPU",
         "",

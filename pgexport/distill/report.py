@@ -85,6 +85,12 @@ def to_markdown(report: dict) -> str:
         f"alpha {report['config']['alpha']}, temperature {report['config']['temperature']}, "
         f"decoder layer map {report['config']['layer_map']}.",
     ]
+    kinds = teacher.get("per_kind") or {}
+    if kinds and student.get("per_kind"):
+        lines += ["", "Each prompt kind (exact match; detect: boxes found at IoU >= 0.5; segment: mean mask IoU):", "",
+                  "| model | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
+        for name, figures in (("teacher", kinds), ("student", student["per_kind"])):
+            lines.append(f"| {name} | " + " | ".join(f"{figures[kind]:.3f}" for kind in kinds) + " |")
     if report["warning"]:
         lines += ["", f"**Warning:** {report['warning']}"]
     return "\n".join(lines) + "\n"
