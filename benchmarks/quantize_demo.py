@@ -210,6 +210,9 @@ def report(demo_json: Path, rss_jsonl: Path, compare_3b_json: Path, out: Path) -
     """benchmarks/results/quantize.md from the JSON files the runs wrote."""
     demo = json.loads(demo_json.read_text())
     reference = next(row["exact_match_reference"] for row in demo.values() if "exact_match_reference" in row)
+    from pgexport.demo import CHECKPOINT_DIR
+
+    drawn = json.loads((CHECKPOINT_DIR / "eval_results.json").read_text())
     lines = ["# Quantization results", "",
              "Produced by `benchmarks/quantize_demo.py` (demo model), "
              "`benchmarks/quantize_3b.sh` (3B shapes) and `python benchmarks/quantize_demo.py --report "
@@ -329,9 +332,10 @@ def report(demo_json: Path, rss_jsonl: Path, compare_3b_json: Path, out: Path) -
               "keep its ratios above the 3B ones, and its decode time is dominated by per-step overhead.",
               "- Demo exact match is over the whole answer string: every text answer, but a detect or segment "
               "answer only when every location and code token is the one in the row, which is why the reference "
-              "is 65.5% with 1.000 / 0.985 on the text kinds and detect. The per-kind table is the figure to read; "
+              f"is {reference:.1%} while each kind's figure is far higher. The per-kind table is the figure to read; "
               "its segment truth is the rows' codes through the seg decoder, so it reads higher than "
-              "eval_results.json's, scored against the drawn masks (A 0.879, B 0.822)."]
+              "the checkpoint's eval_results.json, scored against the drawn masks (segment A "
+              f"{drawn['A']['per_kind']['segment']:.3f}, B {drawn['B']['per_kind']['segment']:.3f})."]
     text = "\n".join(lines) + "\n"
     out.write_text(text)
     return text
