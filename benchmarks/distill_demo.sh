@@ -39,9 +39,8 @@ train kd --alpha 0.5 --temperature 2
   -o "$OUT/kd-onnx" 2>&1 | tee "$OUT/kd-onnx.log"
 EVAL_B=$OUT/heldout-b/eval.jsonl
 [ -f "$EVAL_B" ] || .venv/bin/python -c "import sys; from pathlib import Path
-from pgexport.demo import make_split
-from pgexport.demo.train import EVAL_ROWS, OTHER_SEED, write_eval_split
-write_eval_split(Path(sys.argv[1]), make_split(EVAL_ROWS, OTHER_SEED, other=True))" "$OUT/heldout-b"
+from pgexport.demo.train import held_out, write_eval_split
+write_eval_split(Path(sys.argv[1]), held_out('B'))" "$OUT/heldout-b"
 for name in teacher kd; do
   [ -f "$OUT/$name-onnx-b.json" ] || $PG validate "$OUT/$name-onnx" --eval-file "$EVAL_B" --json > "$OUT/$name-onnx-b.json"
 done

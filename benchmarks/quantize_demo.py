@@ -93,12 +93,11 @@ def compare(fp32: Path, targets: list[str], runs: int = 3, steps: int = DECODE_T
 
 def heldout_b(work: Path) -> Path:
     """Held-out B (images drawn otherwise than training's) as an eval file under `work`, written once."""
-    from pgexport.demo import make_split
-    from pgexport.demo.train import EVAL_ROWS, OTHER_SEED, write_eval_split
+    from pgexport.demo.train import held_out, write_eval_split
 
     path = work / "heldout-b" / "eval.jsonl"
     if not path.is_file():
-        write_eval_split(path.parent, make_split(EVAL_ROWS, OTHER_SEED, other=True))
+        write_eval_split(path.parent, held_out("B"))
     return path
 
 

@@ -45,8 +45,8 @@ from transformers import (
 )
 
 from pgexport.contract import INPUT_IDS
-from pgexport.demo import CHECKPOINT_DIR, DATA_DIR, SEG_DECODER_FILE
-from pgexport.demo.task import COLORS, KIND_PREFIXES, KINDS, LOC_BINS, SHAPES, STEP, Sample, box_bins, make_split, scenes
+from pgexport.demo import CHECKPOINT_DIR, DATA_DIR, SEG_DECODER_FILE, is_demo, make_split
+from pgexport.demo.task import COLORS, KIND_PREFIXES, KINDS, LOC_BINS, SHAPES, STEP, Sample, box_bins, scenes
 from pgexport.demo.tokenizer import IMAGE_TOKEN, build_tokenizer
 from pgexport.demo.vqvae import numpy_decode
 from pgexport.metrics import answer_rows, score_answers
@@ -86,6 +86,12 @@ def build_processor() -> PaliGemmaProcessor:
     """The demo tokenizer with a SigLIP image processor at the demo resolution."""
     image_processor = SiglipImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, image_seq_length=GRID * GRID)
     return PaliGemmaProcessor(image_processor=image_processor, tokenizer=build_tokenizer())
+
+
+def held_out(name: str, seg_codes=None) -> list[Sample]:
+    """Held-out "A" (drawn like training) or "B" (drawn otherwise): EVAL_ROWS rows of its seed,
+    segment codes from `seg_codes` (default: the shipped VQ-VAE's)."""
+    return make_split(EVAL_ROWS, {"A": EVAL_SEED, "B": OTHER_SEED}[name], other=name == "B", seg_codes=seg_codes)
 
 
 def write_eval_split(folder: Path, rows: list[Sample]) -> Path:
@@ -310,8 +316,7 @@ def train(out: Path = CHECKPOINT_DIR, data: Path = DATA_DIR, steps: int = STEPS,
     model.generation_config = GenerationConfig(bos_token_id=2, eos_token_id=1, pad_token_id=0, do_sample=False,
                                                max_new_tokens=MAX_NEW_TOKENS)
     loc_first = tokenizer.convert_tokens_to_ids("<loc0000>")
-    held_a = make_split(EVAL_ROWS, EVAL_SEED, seg_codes=codes)
-    held_b = make_split(EVAL_ROWS, OTHER_SEED, other=True, seg_codes=codes)
+    held_a, held_b = held_out("A", codes), held_out("B", codes)
     write_eval_split(Path(data), held_a)
     init_positions(model, loc_first)
     head = PatchHead(model, loc_first)
@@ -395,7 +400,7 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=STEPS, help=f"whole-model steps (default {STEPS})")
     parser.add_argument("--eval-every", type=int, default=0, metavar="N", help="log held-out figures every N steps")
     args = parser.parse_args(argv)
-    data = args.data or (DATA_DIR if args.out.resolve() == CHECKPOINT_DIR else args.out / "data")
+    data = args.data or (DATA_DIR if is_demo(args.out) else args.out / "data")
     train(args.out, data, args.steps, args.vision_steps, args.eval_every, log=lambda line: print(line, flush=True))
 
 
